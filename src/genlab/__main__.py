@@ -1,0 +1,6 @@
+"""`python -m genlab ...` trains: the Hydra app in genlab.train."""
+
+from genlab.train import main
+
+if __name__ == "__main__":
+    main()

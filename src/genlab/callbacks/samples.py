@@ -1,0 +1,66 @@
+"""Sample grids every N steps: a PNG in ``<run>/samples/step_XXXXXXX.png`` and the same image
+through every logger that has an image API (W&B). Uses only the family contract
+``sample(n, y=None, generator=None)``; a fixed seed shows the same noise at every step, so
+grids over time show the model's progress, not sampling noise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from genlab.data.convert import make_grid, save_grid
+
+
+class SampleGrid(L.Callback):
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        num_samples: int = 64,
+        seed: int = 0,
+        dirpath: str | None = None,
+        at_end: bool = True,
+    ):
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.seed = seed
+        self.dirpath = dirpath
+        self.at_end = at_end
+        self.last_path: Path | None = None
+        self._last_step = -1
+
+    def _dir(self, trainer: L.Trainer) -> Path:
+        return Path(self.dirpath or Path(trainer.default_root_dir) / "samples")
+
+    def _labels(self, pl_module) -> torch.Tensor | None:
+        k = int(getattr(pl_module, "num_classes", 0) or 0)
+        if k <= 0:
+            return None
+        return torch.arange(self.num_samples) % k  # one class per column
+
+    @rank_zero_only
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+        step = trainer.global_step
+        generator = torch.Generator().manual_seed(self.seed)
+        images = pl_module.sample(self.num_samples, y=self._labels(pl_module), generator=generator)
+        k = int(getattr(pl_module, "num_classes", 0) or 0)
+        nrow = k if 0 < k <= 16 else None
+        path = save_grid(images, self._dir(trainer) / f"step_{step:07d}.png", nrow=nrow)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                grid = make_grid(images, nrow).permute(1, 2, 0).numpy()
+                logger.log_image("samples", [grid], step=step, caption=[f"step {step}"])
+        self.last_path, self._last_step = path, step
+        return path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.write(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.at_end and trainer.global_step != self._last_step:
+            self.write(trainer, pl_module)

@@ -1,0 +1,54 @@
+"""Small pieces every family uses: finite-loss check, RNG state in checkpoints, LR warm-up."""
+
+from __future__ import annotations
+
+import torch
+
+
+class DivergenceError(FloatingPointError):
+    """A loss became NaN or infinite; the run stops and its last checkpoint is kept."""
+
+
+def check_finite(name: str, value: torch.Tensor, step: int) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise DivergenceError(
+            f"{name} is {value.item() if value.numel() == 1 else 'non-finite'} at step {step}: "
+            "training diverged. Lower the learning rate or enable gradient clipping "
+            "(trainer.gradient_clip_val), then resume with ckpt_path=<run>/checkpoints/last.ckpt."
+        )
+
+
+def rng_state() -> dict:
+    """Global RNG states (CPU and, if in use, CUDA) as plain tensors (weights_only-safe)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class LinearWarmup:
+    """LR multiplier rising linearly from 1/warmup_steps to 1 over ``warmup_steps`` steps.
+    A class (not a lambda) so LambdaLR can save it in checkpoints."""
+
+    def __init__(self, warmup_steps: int = 0):
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step: int) -> float:
+        if self.warmup_steps <= 0:
+            return 1.0
+        return min(1.0, (step + 1) / self.warmup_steps)
+
+
+def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int = 0):
+    """``torch.optim.lr_scheduler.LambdaLR`` with linear warm-up; stepped every optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(warmup_steps))
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,6 @@
+"""Plain nn.Modules shared by the families. Never imports Lightning."""
+
+from genlab.nets.ema import EMA
+from genlab.nets.unet import UNet
+
+__all__ = ["UNet", "EMA"]

@@ -1,0 +1,76 @@
+"""Sample from a finished (or running) run:
+
+    python -m genlab.sample run_dir=<run> [n=64] [ckpt=last] [seed=0] [ema=true] [steps=50]
+                            [label=3] [device=auto] [out=<path without extension>]
+
+Rebuilds the model from ``<run>/.hydra/config.yaml``, loads ``<run>/checkpoints/<ckpt>.ckpt``
+(``weights_only=True``), and writes ``<out>.png`` (a grid) and ``<out>.pt`` (uint8 images
+(n, C, H, W), labels, and the settings used). Default ``out``: ``<run>/samples/sample_<ckpt>_s<seed>``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from genlab.data.convert import save_grid, to_uint8
+
+
+class UsageError(SystemExit):
+    pass
+
+
+def load_model(run_dir: str | Path, ckpt: str = "last", device: str = "cpu"):
+    """The run's family with weights from ``checkpoints/<ckpt>.ckpt``, in eval mode."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / ".hydra" / "config.yaml"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: run_dir must be a genlab run directory")
+    ckpt_path = Path(ckpt) if ckpt.endswith(".ckpt") else run_dir / "checkpoints" / f"{ckpt}.ckpt"
+    if not ckpt_path.exists():
+        raise FileNotFoundError(f"checkpoint {ckpt_path} not found (ckpt=last|best|<file>.ckpt)")
+    cfg = OmegaConf.load(config_path)
+    model = instantiate(cfg.model)
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["state_dict"])
+    return model.to(device).eval(), cfg, state.get("global_step")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv))
+    if "run_dir" not in args:
+        raise UsageError("usage: python -m genlab.sample run_dir=<run> [n=64] [ckpt=last] [seed=0] "
+                         "[ema=true] [steps=N] [label=K] [device=auto] [out=<path>]")
+    device = args.get("device", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    ckpt = str(args.get("ckpt", "last"))
+    model, cfg, step = load_model(args.run_dir, ckpt, device)
+    n, seed = int(args.get("n", 64)), int(args.get("seed", 0))
+    y = None
+    if args.get("label") is not None:
+        y = torch.full((n,), int(args.label), dtype=torch.long)
+    elif getattr(model, "num_classes", 0):
+        y = torch.arange(n) % model.num_classes
+    opts = {}
+    if args.get("steps") is not None:
+        opts["steps"] = int(args.steps)
+    if args.get("ema") is not None:
+        opts["use_ema"] = bool(args.ema)
+    generator = torch.Generator().manual_seed(seed)
+    images = model.sample(n, y=y, generator=generator, progress=True, **opts)
+    out = Path(args.get("out") or Path(args.run_dir) / "samples" / f"sample_{Path(ckpt).stem}_s{seed}")
+    png = save_grid(images, out.with_suffix(".png"))
+    info = {"n": n, "seed": seed, "ckpt": ckpt, "global_step": step, "labels": y,
+            "use_ema": opts.get("use_ema", True), "steps": opts.get("steps")}
+    torch.save({"images": to_uint8(images).cpu(), **info}, out.with_suffix(".pt"))
+    print(f"wrote {png} and {out.with_suffix('.pt')}")
+    return {"png": png, "pt": out.with_suffix(".pt"), "images": images}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Training: compose -> instantiate data, model, callbacks, loggers, trainer -> fit -> final
+evaluation -> summary.json. ``python -m genlab`` runs ``main``; tests call ``train(cfg)``."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from genlab.callbacks.checkpoint import AtomicCheckpointIO
+from genlab.utils import CONF_DIR, wandb_mode, write_summary
+
+log = logging.getLogger("genlab")
+
+# Lightning warnings that do not apply here: in-memory tensors need no workers; the EMA copy
+# is in eval mode on purpose; the CSV log shares the run directory with Hydra's files; and
+# mid-epoch resumes are exact because the training sampler skips already-seen batches.
+for pattern in (".*does not have many workers.*", ".*module\\(s\\) in eval mode.*",
+                ".*exists and is not empty.*", ".*resuming from a checkpoint that ended before.*",
+                ".*smaller than the logging interval.*"):
+    warnings.filterwarnings("ignore", message=pattern)
+
+
+def _choices() -> dict:
+    try:
+        return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
+    except ValueError:  # not under Hydra (tests composing by hand)
+        return {}
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    loggers: list = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    for name, conf in (cfg.get("logger") or {}).items():
+        if not conf or "_target_" not in conf:
+            continue
+        if "Wandb" in conf._target_:
+            conf = OmegaConf.merge(conf, {"mode": wandb_mode(conf.get("mode"))})
+        loggers.append(instantiate(conf))
+        log.info("logger %s: %s", name, conf._target_)
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+
+
+def protocol(cfg: DictConfig, model, datamodule) -> dict:
+    sampler = cfg.model.get("sampler") or {}
+    return {
+        "dataset": _choices().get("data", type(datamodule).__name__),
+        "split": "val",
+        "image_shape": list(model.image_shape),
+        "sampler": str(sampler.get("_target_", "")).rsplit(".", 1)[-1] or None,
+        "sampler_steps": sampler.get("steps"),
+        "weights": "ema" if getattr(model, "ema", None) is not None else "raw",
+        "seed": cfg.seed,
+    }
+
+
+def final_evaluation(cfg: DictConfig, model, datamodule) -> dict:
+    """Bits/dim of likelihood families on the first ``eval.bpd_images`` validation images."""
+    n = int(cfg.eval.get("bpd_images", 0) or 0)
+    if n <= 0 or not hasattr(model, "bits_per_dim"):
+        return {}
+    val = datamodule.load_split("val")
+    images, labels = val.tensors[0][:n], val.tensors[1][:n]
+    x, _ = datamodule.on_after_batch_transfer((images.to(model.device), labels), 0)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    bpd = torch.cat([model.bits_per_dim(x[i:i + 64], generator=generator,
+                                        timesteps=cfg.eval.get("bpd_timesteps"))
+                     for i in range(0, len(x), 64)])
+    return {"val/bpd": bpd.mean().item(), "bpd_protocol": {
+        "images": len(x), "timesteps": cfg.eval.get("bpd_timesteps"),
+        "convention": "bits per dimension of 8-bit data, variational bound"}}
+
+
+def train(cfg: DictConfig) -> dict:
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    marks: dict = {}  # step at which fitting started (non-zero when resuming), for images/s
+    mark = L.pytorch.callbacks.LambdaCallback(
+        on_train_start=lambda tr, pl: marks.update(step=tr.global_step, time=time.time()))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=[*build_callbacks(cfg), mark],
+        logger=build_loggers(cfg, run_dir),
+        plugins=[AtomicCheckpointIO()],
+    )
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger) and trainer.is_global_zero:
+            lg.experiment.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
+
+    summary = {
+        "status": "running",
+        "family": type(model).__name__,
+        "choices": _choices(),
+        "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "world_size": trainer.world_size,
+        "resumed_from": cfg.get("ckpt_path"),
+        "protocol": protocol(cfg, model, datamodule),
+    }
+    if trainer.is_global_zero:
+        write_summary(run_dir, summary, merge=False)
+    start = time.time()
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        # always leave the final state in last.ckpt, whatever the checkpoint interval was
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    except BaseException as err:
+        if trainer.is_global_zero:
+            write_summary(run_dir, {"status": "interrupted" if isinstance(err, KeyboardInterrupt)
+                                    else "failed", "error": f"{type(err).__name__}: {err}",
+                                    "global_step": trainer.global_step,
+                                    "wall_time_s": time.time() - start})
+        raise
+    wall = time.time() - start
+    if not trainer.is_global_zero:
+        return summary
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics.update(final_evaluation(cfg, model, datamodule))
+    steps_done = trainer.global_step - marks.get("step", 0)
+    fit_time = time.time() - marks.get("time", start)
+    summary.update({
+        "status": "completed",
+        "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)},
+        "bpd_protocol": metrics.get("bpd_protocol"),
+        "global_step": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "wall_time_s": wall,
+        "train_images_per_s": steps_done * datamodule.batch_size * trainer.world_size / max(fit_time, 1e-9),
+        "checkpoint": "checkpoints/last.ckpt",
+    })
+    write_summary(run_dir, summary, merge=False)
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger):
+            lg.experiment.summary.update(summary["metrics"])
+    log.info("run directory: %s", run_dir)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
