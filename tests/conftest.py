@@ -57,8 +57,11 @@ def compose_cfg(overrides: list[str], output_dir: Path | None = None) -> DictCon
 @pytest.fixture
 def tiny_cfg(tmp_path):
     def make(*extra: str) -> DictConfig:
-        return compose_cfg([*TINY, f"paths.cache_dir={tmp_path / 'cache'}", *extra],
-                           tmp_path / "run")
+        cfg = compose_cfg([*TINY, f"paths.cache_dir={tmp_path / 'cache'}", *extra],
+                          tmp_path / "run")
+        if "steps" in (cfg.model.get("sampler") or {}):  # fewer sampling steps for grids
+            cfg.model.sampler.steps = 5
+        return cfg
     return make
 
 

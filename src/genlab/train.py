@@ -86,6 +86,10 @@ def final_evaluation(cfg: DictConfig, model, datamodule) -> dict:
 def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / ".hydra" / "config.yaml").exists():  # called outside the Hydra CLI
+        (run_dir / ".hydra").mkdir(exist_ok=True)
+        plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        OmegaConf.save(plain, run_dir / ".hydra" / "config.yaml")
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
 
@@ -119,7 +123,7 @@ def train(cfg: DictConfig) -> dict:
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         # always leave the final state in last.ckpt, whatever the checkpoint interval was
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     except BaseException as err:
         if trainer.is_global_zero:
             write_summary(run_dir, {"status": "interrupted" if isinstance(err, KeyboardInterrupt)

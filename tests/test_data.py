@@ -1,0 +1,138 @@
+"""DataModules: geometry, caching, folders with corrupt files, clear errors for missing data."""
+
+import pytest
+import torch
+from PIL import Image
+
+from genlab.data import (
+    CelebADataModule,
+    CorruptImageWarning,
+    DatasetNotFoundError,
+    FolderDataModule,
+    MNISTDataModule,
+    SyntheticDataModule,
+)
+from genlab.data.convert import to_model, to_uint8
+
+from .conftest import SHARED
+
+
+def _write_images(folder, n, size=(20, 24), color=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(n)
+    for i in range(n):
+        array = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8)
+        if color is not None:
+            array[:] = torch.tensor(color, dtype=torch.uint8)
+        Image.fromarray(array.numpy()).save(folder / f"{i:04d}.jpg")
+
+
+def test_value_range_round_trip():
+    k = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    x = to_model(k)
+    assert x.min() == -1 and x.max() == 1
+    assert torch.equal(to_uint8(x), k)
+
+
+def test_synthetic_batches_are_in_model_range():
+    dm = SyntheticDataModule(num_samples=32, num_val=8, image_size=12, channels=3, num_classes=3,
+                             batch_size=8)
+    dm.setup()
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.dtype == torch.uint8 and images.shape == (8, 3, 12, 12)
+    x, y = dm.on_after_batch_transfer((images, labels), 0)
+    assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+    assert set(y.tolist()) <= {0, 1, 2}
+
+
+def test_folder_with_class_subfolders_and_a_corrupt_jpeg(tmp_path):
+    root = tmp_path / "imgs"
+    _write_images(root / "cats", 6)
+    _write_images(root / "dogs", 6)
+    (root / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    dm = FolderDataModule(root=str(root), image_size=8, channels=3, num_classes=2,
+                          val_fraction=0.0, cache_dir=str(tmp_path / "cache"), batch_size=4)
+    with pytest.warns(CorruptImageWarning, match=r"skipped 1 unreadable image file\(s\) of 13"):
+        data = dm.load_split("train")
+    images, labels = data.tensors
+    assert images.shape == (12, 3, 8, 8)
+    assert labels.tolist() == [0] * 6 + [1] * 6
+
+
+def test_decoded_tensors_are_cached_and_reused(tmp_path, monkeypatch):
+    root = tmp_path / "imgs"
+    _write_images(root, 10)
+    kwargs = dict(root=str(root), image_size=8, channels=3, val_fraction=0.2,
+                  cache_dir=str(tmp_path / "cache"))
+    first = FolderDataModule(**kwargs).load_split("train").tensors[0]
+    assert len(list((tmp_path / "cache").glob("folder-train-3x8x8-*.pt"))) == 1
+
+    def no_decoding(*args, **kw):
+        raise AssertionError("images were decoded again despite the cache")
+
+    monkeypatch.setattr("genlab.data.readers.decode_images", no_decoding)
+    second = FolderDataModule(**kwargs).load_split("train").tensors[0]
+    assert torch.equal(first, second)
+    # a different resolution is a different cache entry, not a stale hit
+    with pytest.raises(AssertionError, match="decoded again"):
+        FolderDataModule(**{**kwargs, "image_size": 4}).load_split("train")
+
+
+def test_celeba_crop_is_a_fraction_so_full_and_half_size_copies_agree(tmp_path):
+    """A centred square on a striped background: the same crop fraction frames it the same way
+    at 178x218 and at 89x109."""
+    for name, (w, h) in {"full": (178, 218), "half": (89, 109)}.items():
+        folder = tmp_path / name / "img_align_celeba"
+        folder.mkdir(parents=True)
+        img = Image.new("RGB", (w, h), (0, 0, 0))
+        side = int(0.4 * w)
+        img.paste((255, 255, 255), ((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
+        for i in range(4):
+            img.save(folder / f"{i:06d}.jpg", quality=95)
+    out = {}
+    for name in ("full", "half"):
+        dm = CelebADataModule(root=str(tmp_path / name), image_size=16, channels=3, crop=0.8,
+                              val_fraction=0.25, cache_dir=None, download=False)
+        out[name] = dm.load_split("train").tensors[0].float()
+    assert out["full"].shape == (3, 3, 16, 16)
+    assert (out["full"] - out["half"]).abs().mean() < 12  # same framing, up to resampling
+
+
+def test_missing_celeba_names_the_files_and_the_override(tmp_path):
+    dm = CelebADataModule(root=str(tmp_path / "nowhere"), download=False)
+    with pytest.raises(DatasetNotFoundError) as err:
+        dm.setup()
+    message = str(err.value)
+    assert "img_align_celeba" in message and "paths.data_dir" in message
+    assert "\n" not in message
+
+
+def test_missing_mnist_offline_names_the_files_and_the_override(tmp_path):
+    dm = MNISTDataModule(root=str(tmp_path / "empty"), download=False, cache_dir=None)
+    with pytest.raises(DatasetNotFoundError) as err:
+        dm.setup()
+    message = str(err.value)
+    assert "train-images-idx3-ubyte" in message and "paths.data_dir" in message
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="paths.data_dir"):
+        FolderDataModule(root=str(tmp_path / "missing")).setup()
+
+
+@pytest.mark.skipif(not (SHARED / "mnist").exists(), reason="needs ../shared/assets/mnist")
+def test_real_mnist_reads_exactly(tmp_path):
+    dm = MNISTDataModule(root=str(SHARED / "mnist"), download=False, cache_dir=str(tmp_path))
+    dm.setup()
+    train, val = dm.load_split("train").tensors, dm.load_split("val").tensors
+    assert train[0].shape == (60000, 1, 28, 28) and val[0].shape == (10000, 1, 28, 28)
+    assert torch.bincount(train[1]).tolist()[:3] == [5923, 6742, 5958]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "celeba").exists(), reason="needs ../shared/assets/celeba")
+def test_real_celeba_subset_decodes(tmp_path):
+    dm = CelebADataModule(root=str(SHARED / "celeba"), image_size=64, cache_dir=str(tmp_path))
+    dm.setup()
+    assert dm.load_split("train").tensors[0].shape == (9500, 3, 64, 64)
+    assert dm.load_split("val").tensors[0].shape == (500, 3, 64, 64)

@@ -1,0 +1,164 @@
+"""End to end: every model preset trains on tiny synthetic data, samples, checkpoints, resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from genlab.sample import load_model
+from genlab.sample import main as sample_main
+from genlab.train import train
+
+from .conftest import REPO, SHARED, group_options, run_cli
+
+
+@pytest.mark.parametrize("model", group_options("model"))
+def test_every_model_preset_trains_and_samples(model, tiny_cfg):
+    cfg = tiny_cfg(f"model={model}")
+    summary = train(cfg)
+    run = cfg.paths.output_dir
+    assert summary["status"] == "completed" and summary["global_step"] == 4
+    for name in ("checkpoints/last.ckpt", "metrics.csv", "summary.json"):
+        assert os.path.exists(os.path.join(run, name)), name
+    assert sorted(os.listdir(os.path.join(run, "samples"))) == ["step_0000002.png",
+                                                                 "step_0000004.png"]
+    on_disk = json.load(open(os.path.join(run, "summary.json")))
+    assert on_disk["metrics"]["train/loss"] > 0 and "val/loss" in on_disk["metrics"]
+    assert on_disk["protocol"]["weights"] in ("ema", "raw")
+
+    module, _, step = load_model(run, "last")
+    assert step == 4
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(3) % module.num_classes if getattr(module, "num_classes", 0) else None
+    images = module.sample(3, y=y, generator=g)
+    assert images.shape == (3, *module.image_shape)
+    assert torch.isfinite(images).all() and images.min() >= -1 and images.max() <= 1
+    again = module.sample(3, y=y, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(images, again), "same seed, same samples"
+
+
+def test_same_seed_same_losses(tiny_cfg, tmp_path):
+    def losses(sub):
+        cfg = tiny_cfg("~callbacks.sample_grid", "trainer.max_steps=3")
+        cfg.paths.output_dir = str(tmp_path / sub)
+        train(cfg)
+        lines = open(tmp_path / sub / "metrics.csv").read().splitlines()
+        header = lines[0].split(",")
+        col = header.index("train/loss")
+        return [line.split(",")[col] for line in lines[1:] if line.split(",")[col]]
+
+    first, second = losses("a"), losses("b")
+    assert len(first) == 3 and first == second
+
+
+def test_stop_and_resume_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
+    """4 steps/epoch: stop mid-epoch at step 6, resume to 10; compare with 10 straight."""
+    common = ["data.num_samples=64", "data.batch_size=16", "trainer.val_check_interval=3",
+              "callbacks.periodic_checkpoint.every_n_train_steps=3", "~callbacks.sample_grid",
+              "model.net.dropout=0.1"]
+
+    def run(sub, steps, ckpt=None):
+        cfg = tiny_cfg(*common, f"trainer.max_steps={steps}")
+        cfg.paths.output_dir = str(tmp_path / sub)
+        cfg.ckpt_path = ckpt
+        summary = train(cfg)
+        module, _, _ = load_model(tmp_path / sub, "last")
+        return summary, module
+
+    _, straight = run("straight", 10)
+    run("first", 6)
+    summary, resumed = run("resumed", 10, str(tmp_path / "first/checkpoints/last.ckpt"))
+    assert summary["global_step"] == 10
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_cli_run_directory_wandb_offline_and_sample_cli(tmp_path):
+    """`python -m genlab` leaves the documented run directory, including an offline W&B run."""
+    run_cli(["data=synthetic", "trainer=cpu", "trainer.max_steps=3", "trainer.val_check_interval=3",
+             "trainer.limit_val_batches=1", "callbacks.sample_grid.every_n_steps=3",
+             "callbacks.sample_grid.num_samples=4", "eval.bpd_images=4", "eval.bpd_timesteps=3",
+             f"paths.log_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "run")], cwd=REPO)
+    run = tmp_path / "run"
+    for name in (".hydra/config.yaml", "checkpoints/last.ckpt", "samples/step_0000003.png",
+                 "metrics.csv", "summary.json", "train.log"):
+        assert (run / name).exists(), name
+    assert list((run / "wandb").glob("offline-run-*")), "offline W&B run missing"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["choices"]["model"] == "diffusion"
+    assert summary["metrics"]["val/bpd"] > 0
+
+    out = sample_main([f"run_dir={run}", "n=6", "steps=4", f"out={tmp_path / 'samples_out'}"])
+    blob = torch.load(tmp_path / "samples_out.pt", weights_only=True)
+    assert blob["images"].dtype == torch.uint8 and blob["images"].shape == (6, 1, 16, 16)
+    assert out["png"].exists()
+
+
+def test_kill_9_then_resume_from_last_checkpoint(tmp_path):
+    """SIGKILL mid-run; the atomically written last.ckpt loads and training continues from it."""
+    run = tmp_path / "killed"
+    args = ["data=synthetic", "trainer=cpu", "logger=none", "trainer.max_steps=100000",
+            "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "~callbacks.sample_grid",
+            "callbacks.periodic_checkpoint.every_n_train_steps=2", "trainer.val_check_interval=1000"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "genlab", *args, f"hydra.run.dir={run}"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not list((run / "checkpoints").glob("step_00000[1-9]*.ckpt")):
+            assert proc.poll() is None and time.time() < deadline, "run ended before a checkpoint"
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    step = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"]
+    assert step >= 2 and step % 2 == 0
+    resumed = tmp_path / "resumed"
+    run_cli([*args[:3], f"trainer.max_steps={step + 2}", *args[4:],
+             f"ckpt_path={run / 'checkpoints/last.ckpt'}", f"hydra.run.dir={resumed}"], cwd=REPO)
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["global_step"] == step + 2 and summary["resumed_from"].endswith("last.ckpt")
+
+
+def test_ddp_cpu_runs_two_processes(tmp_path):
+    run = tmp_path / "ddp"
+    run_cli(["trainer=ddp_cpu", "data=synthetic", "logger=none", "trainer.max_steps=3",
+             "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
+             "~callbacks.sample_grid", "trainer.val_check_interval=3",
+             "trainer.limit_val_batches=1", "eval.bpd_images=0", f"hydra.run.dir={run}"], cwd=REPO)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["world_size"] == 2
+    log = (run / "train.log").read_text() if (run / "train.log").exists() else ""
+    assert summary["global_step"] == 3, log[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "mnist").exists(), reason="needs ../shared/assets/mnist")
+def test_real_mnist_200_steps_loss_goes_down(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("data=mnist", f"paths.data_dir={SHARED / 'mnist'}", "data.batch_size=64",
+                   "trainer.max_steps=200", "trainer.val_check_interval=100",
+                   "trainer.limit_val_batches=2", "callbacks.sample_grid.every_n_steps=100",
+                   "callbacks.sample_grid.num_samples=16")
+    summary = train(cfg)
+    lines = open(tmp_path / "run" / "metrics.csv").read().splitlines()
+    col = lines[0].split(",").index("train/loss")
+    losses = [float(v) for v in (line.split(",")[col] for line in lines[1:]) if v]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.6 * first, (first, last)
+    assert summary["metrics"]["val/loss"] < 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "celeba").exists(), reason="needs ../shared/assets/celeba")
+def test_real_celeba_trains(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("data=celeba", f"paths.data_dir={SHARED / 'celeba'}", "data.image_size=32",
+                   "data.batch_size=8", "trainer.max_steps=6")
+    summary = train(cfg)
+    assert summary["status"] == "completed"
+    assert tuple(instantiate(cfg.model).image_shape) == (3, 32, 32)
