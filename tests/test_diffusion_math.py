@@ -115,9 +115,11 @@ def test_stratified_bpd_is_unbiased_for_the_exact_bound():
         torch.nn.init.normal_(p, std=0.05)
     model = DiffusionModule(net, (1, 4, 4), schedule=LinearSchedule(40), ema_decay=0)
     x = torch.randint(0, 256, (1, 1, 4, 4)).float() / 127.5 - 1
-    x = x.expand(256, -1, -1, -1).contiguous()
+    x = x.expand(4096, -1, -1, -1).contiguous()
     g = torch.Generator().manual_seed(0)
-    exact = model.bits_per_dim(x, generator=g, timesteps=40).mean()
-    estimate = model.bits_per_dim(x, generator=g, timesteps=6).mean()
-    assert estimate.item() == pytest.approx(exact.item(), rel=0.03)
-    assert 0 < exact.item() < 20
+    exact = model.bits_per_dim(x, generator=g, timesteps=40)
+    estimate = model.bits_per_dim(x, generator=g, timesteps=6)
+    stderr = (exact.var() / len(x) + estimate.var() / len(x)).sqrt().item()
+    assert abs(estimate.mean().item() - exact.mean().item()) < 4 * stderr, stderr
+    assert stderr < 0.05 * exact.mean().item()  # the check has teeth: errors are small
+    assert 0 < exact.mean().item() < 20

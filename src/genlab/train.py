@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from genlab.callbacks.checkpoint import AtomicCheckpointIO
+from genlab.callbacks.checkpoint import AtomicCheckpointIO, FinalCheckpoint
 from genlab.utils import CONF_DIR, wandb_mode, write_summary
 
 log = logging.getLogger("genlab")
@@ -100,7 +100,7 @@ def train(cfg: DictConfig) -> dict:
         on_train_start=lambda tr, pl: marks.update(step=tr.global_step, time=time.time()))
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        callbacks=[*build_callbacks(cfg), mark],
+        callbacks=[*build_callbacks(cfg), mark, FinalCheckpoint(run_dir / "checkpoints")],
         logger=build_loggers(cfg, run_dir),
         plugins=[AtomicCheckpointIO()],
     )
@@ -122,8 +122,6 @@ def train(cfg: DictConfig) -> dict:
     start = time.time()
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-        # always leave the final state in last.ckpt, whatever the checkpoint interval was
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     except BaseException as err:
         if trainer.is_global_zero:
             write_summary(run_dir, {"status": "interrupted" if isinstance(err, KeyboardInterrupt)

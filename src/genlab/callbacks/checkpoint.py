@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import lightning as L
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
@@ -40,3 +41,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = True):
         return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
+class FinalCheckpoint(L.Callback):
+    """Writes ``<dirpath>/last.ckpt`` at the step where ``max_steps`` ends training, from inside
+    the training loop (so the loop state says "mid-epoch" and a resume continues exactly), and
+    after ``fit`` for any other stop (``max_time``, ``max_epochs``, early stopping)."""
+
+    def __init__(self, dirpath: str | Path):
+        self.path = Path(dirpath) / "last.ckpt"
+        self.saved_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.save_checkpoint(self.path, weights_only=False)
+            self.saved_step = trainer.global_step
+
+    def on_fit_end(self, trainer, pl_module):
+        if self.saved_step != trainer.global_step:
+            trainer.save_checkpoint(self.path, weights_only=False)
+            self.saved_step = trainer.global_step

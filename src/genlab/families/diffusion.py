@@ -102,8 +102,9 @@ class DiffusionModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.ema is not None:
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:  # here, not in on_train_batch_end: checkpoints include it
             self.ema.update(self.net)
 
     def validation_step(self, batch, batch_idx):
@@ -203,17 +204,17 @@ class DiffusionModule(L.LightningModule):
         k = min(int(timesteps or self.bpd_timesteps), T)
         b = x.shape[0]
         denoise = self.denoiser(None if y is None else y.to(self.device), use_ema)
-        if k >= T:
-            ts, weights = torch.arange(T), torch.ones(T)
-        else:
+        if k >= T:  # every term: rows of ts are timesteps (same for the whole batch)
+            ts, weights = torch.arange(T)[:, None].expand(T, b), torch.ones(T)
+        else:  # t=0 exactly, then one t per stratum, drawn independently for each image
             edges = torch.linspace(1, T, k, dtype=torch.float64).round().long()  # k-1 strata
-            lo, hi = edges[:-1], edges[1:]
-            u = torch.rand(k - 1, generator=generator, dtype=torch.float64)
-            ts = torch.cat([torch.zeros(1, dtype=torch.long), lo + (u * (hi - lo)).long()])
-            weights = torch.cat([torch.ones(1), (hi - lo).float()])
+            lo, hi = edges[:-1, None], edges[1:, None]
+            u = torch.rand(k - 1, b, generator=generator, dtype=torch.float64)
+            ts = torch.cat([torch.zeros(1, b, dtype=torch.long), lo + (u * (hi - lo)).long()])
+            weights = torch.cat([torch.ones(1), (hi - lo)[:, 0].float()])
         total = process.prior_kl(self.schedule, x)
-        for t_val, w in zip(ts.tolist(), weights.tolist()):
-            t = torch.full((b,), t_val, device=x.device, dtype=torch.long)
+        for t_row, w in zip(ts, weights.tolist()):
+            t = t_row.to(x.device)
             noise = torch.randn(x.shape, generator=generator).to(x.device)
             x_t = process.q_sample(self.schedule, x, t, noise)
             x0_hat = denoise(x_t, t).clamp(-1, 1)
