@@ -57,22 +57,43 @@ def compose_cfg(overrides: list[str], output_dir: Path | None = None) -> DictCon
 @pytest.fixture
 def tiny_cfg(tmp_path):
     def make(*extra: str) -> DictConfig:
-        cfg = compose_cfg([*TINY, f"paths.cache_dir={tmp_path / 'cache'}", *extra],
-                          tmp_path / "run")
+        cfg = compose_cfg(
+            [*TINY, f"paths.cache_dir={tmp_path / 'cache'}", *extra], tmp_path / "run"
+        )
         if "steps" in (cfg.model.get("sampler") or {}):  # fewer sampling steps for grids
             cfg.model.sampler.steps = 5
         return cfg
+
     return make
 
 
-def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600,
-            module: str = "genlab", check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str],
+    cwd: Path,
+    env: dict | None = None,
+    timeout: int = 600,
+    module: str = "genlab",
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Run `python -m <module> args` in a subprocess (no network: W&B offline)."""
-    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-                "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    full_env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
-                             f"STDERR:\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+            f"STDERR:\n{proc.stderr[-4000:]}"
+        )
     return proc

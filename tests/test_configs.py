@@ -37,7 +37,11 @@ def test_model_options_instantiate_on_every_geometry(model, data, tmp_path):
         pytest.skip(f"{model} is class-conditional and {data} has no labels")
     module = instantiate(cfg.model)
     assert isinstance(module, L.LightningModule)
-    assert tuple(module.image_shape) == (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    assert tuple(module.image_shape) == (
+        cfg.data.channels,
+        cfg.data.image_size,
+        cfg.data.image_size,
+    )
     x = torch.zeros(2, *module.image_shape)
     out = module.net(x, torch.zeros(2, dtype=torch.long))
     assert out.shape == x.shape
@@ -62,7 +66,9 @@ def test_callbacks_options_instantiate(option, tmp_path):
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     assert all(isinstance(c, L.Callback) for c in callbacks)
     if option == "default":
-        assert {"periodic_checkpoint", "sample_grid", "progress_bar", "lr_monitor"} <= set(cfg.callbacks)
+        assert {"periodic_checkpoint", "sample_grid", "progress_bar", "lr_monitor"} <= set(
+            cfg.callbacks
+        )
 
 
 @pytest.mark.parametrize("option", group_options("logger"))
@@ -104,6 +110,15 @@ def test_unknown_key_fails_at_composition(tmp_path):
 
 def test_every_yaml_is_reachable():
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
-    assert {"model", "data", "trainer", "guidance", "logger", "callbacks", "paths", "experiment",
-            "hydra"} <= groups
+    assert {
+        "model",
+        "data",
+        "trainer",
+        "guidance",
+        "logger",
+        "callbacks",
+        "paths",
+        "experiment",
+        "hydra",
+    } <= groups
     assert TINY  # the tiny overrides used by the training tests compose

@@ -35,8 +35,9 @@ def test_value_range_round_trip():
 
 
 def test_synthetic_batches_are_in_model_range():
-    dm = SyntheticDataModule(num_samples=32, num_val=8, image_size=12, channels=3, num_classes=3,
-                             batch_size=8)
+    dm = SyntheticDataModule(
+        num_samples=32, num_val=8, image_size=12, channels=3, num_classes=3, batch_size=8
+    )
     dm.setup()
     images, labels = next(iter(dm.train_dataloader()))
     assert images.dtype == torch.uint8 and images.shape == (8, 3, 12, 12)
@@ -50,8 +51,15 @@ def test_folder_with_class_subfolders_and_a_corrupt_jpeg(tmp_path):
     _write_images(root / "cats", 6)
     _write_images(root / "dogs", 6)
     (root / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
-    dm = FolderDataModule(root=str(root), image_size=8, channels=3, num_classes=2,
-                          val_fraction=0.0, cache_dir=str(tmp_path / "cache"), batch_size=4)
+    dm = FolderDataModule(
+        root=str(root),
+        image_size=8,
+        channels=3,
+        num_classes=2,
+        val_fraction=0.0,
+        cache_dir=str(tmp_path / "cache"),
+        batch_size=4,
+    )
     with pytest.warns(CorruptImageWarning, match=r"skipped 1 unreadable image file\(s\) of 13"):
         data = dm.load_split("train")
     images, labels = data.tensors
@@ -62,8 +70,13 @@ def test_folder_with_class_subfolders_and_a_corrupt_jpeg(tmp_path):
 def test_decoded_tensors_are_cached_and_reused(tmp_path, monkeypatch):
     root = tmp_path / "imgs"
     _write_images(root, 10)
-    kwargs = dict(root=str(root), image_size=8, channels=3, val_fraction=0.2,
-                  cache_dir=str(tmp_path / "cache"))
+    kwargs = dict(
+        root=str(root),
+        image_size=8,
+        channels=3,
+        val_fraction=0.2,
+        cache_dir=str(tmp_path / "cache"),
+    )
     first = FolderDataModule(**kwargs).load_split("train").tensors[0]
     assert len(list((tmp_path / "cache").glob("folder-train-3x8x8-*.pt"))) == 1
 
@@ -86,13 +99,22 @@ def test_celeba_crop_is_a_fraction_so_full_and_half_size_copies_agree(tmp_path):
         folder.mkdir(parents=True)
         img = Image.new("RGB", (w, h), (0, 0, 0))
         side = int(0.4 * w)
-        img.paste((255, 255, 255), ((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
+        img.paste(
+            (255, 255, 255), ((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2)
+        )
         for i in range(4):
             img.save(folder / f"{i:06d}.jpg", quality=95)
     out = {}
     for name in ("full", "half"):
-        dm = CelebADataModule(root=str(tmp_path / name), image_size=16, channels=3, crop=0.8,
-                              val_fraction=0.25, cache_dir=None, download=False)
+        dm = CelebADataModule(
+            root=str(tmp_path / name),
+            image_size=16,
+            channels=3,
+            crop=0.8,
+            val_fraction=0.25,
+            cache_dir=None,
+            download=False,
+        )
         out[name] = dm.load_split("train").tensors[0].float()
     assert out["full"].shape == (3, 3, 16, 16)
     assert (out["full"] - out["half"]).abs().mean() < 12  # same framing, up to resampling

@@ -5,12 +5,13 @@ import math
 import pytest
 import torch
 
-from genlab.diffusion import CosineSchedule, LinearSchedule, ddim, ddpm
-from genlab.diffusion import process
+from genlab.diffusion import CosineSchedule, LinearSchedule, ddim, ddpm, process
 from genlab.diffusion.samplers import timestep_grid
 
 
-@pytest.mark.parametrize("schedule", [LinearSchedule(1000), CosineSchedule(1000), LinearSchedule(50)])
+@pytest.mark.parametrize(
+    "schedule", [LinearSchedule(1000), CosineSchedule(1000), LinearSchedule(50)]
+)
 def test_schedule_endpoints_and_monotonicity(schedule):
     ab = schedule.alphas_cumprod
     assert ab.shape == (schedule.num_timesteps,)
@@ -47,8 +48,12 @@ def test_parameterisations_round_trip(prediction):
     torch.testing.assert_close(x0_back, x0, atol=2e-3, rtol=0)
     eps_back = process.eps_from_x0(s, x_t, t[:], x0)
     torch.testing.assert_close(eps_back[1:], noise[1:], atol=2e-3, rtol=0)
-    torch.testing.assert_close(process.v_from_x0(s, x_t, t, x0),
-                               process.training_target("v", s, x0, t, noise), atol=2e-3, rtol=0)
+    torch.testing.assert_close(
+        process.v_from_x0(s, x_t, t, x0),
+        process.training_target("v", s, x0, t, noise),
+        atol=2e-3,
+        rtol=0,
+    )
 
 
 def test_timestep_grid():
@@ -64,8 +69,9 @@ def test_ddim_eta0_with_oracle_denoiser_recovers_data_exactly(steps):
     s = LinearSchedule(1000)
     g = torch.Generator().manual_seed(1)
     x0 = (torch.randint(0, 256, (4, 1, 8, 8), generator=g).float() / 127.5 - 1).double()
-    x_T = process.q_sample(s, x0, torch.full((4,), 999), torch.randn(4, 1, 8, 8, generator=g,
-                                                                     dtype=torch.float64))
+    x_T = process.q_sample(
+        s, x0, torch.full((4,), 999), torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    )
     oracle = lambda x_t, t: x0  # noqa: E731 - knows the data
     out = ddim(oracle, x_T, s, steps=steps, eta=0.0)
     torch.testing.assert_close(out, x0, atol=1e-9, rtol=0)
@@ -73,24 +79,28 @@ def test_ddim_eta0_with_oracle_denoiser_recovers_data_exactly(steps):
 
 def _gaussian_oracle(s, mu, var):
     """Exact E[x0 | x_t] when x0 ~ N(mu, var) elementwise."""
+
     def denoise(x_t, t):
         a = s.alpha_bar(t).to(x_t.dtype).view(-1, 1, 1, 1)
         return mu + var * a.sqrt() * (x_t - a.sqrt() * mu) / (a * var + 1 - a)
+
     return denoise
 
 
 # Ancestral samplers plug E[x0 | x_t] into q(x_s | x_t, x0) and so drop Var[x0 | x_t]: exact
 # only as steps get small, hence the full chain for them; DDIM (eta=0) is exact on fewer.
-@pytest.mark.parametrize("sampler,opts,steps", [(ddim, {"eta": 0.0}, 200),
-                                                (ddim, {"eta": 1.0}, 1000),
-                                                (ddpm, {"variance": "small"}, 1000)])
+@pytest.mark.parametrize(
+    "sampler,opts,steps",
+    [(ddim, {"eta": 0.0}, 200), (ddim, {"eta": 1.0}, 1000), (ddpm, {"variance": "small"}, 1000)],
+)
 def test_samplers_with_exact_denoiser_reach_the_data_distribution(sampler, opts, steps):
     s = LinearSchedule(1000)
     mu, var = 0.3, 0.04
     g = torch.Generator().manual_seed(2)
     x_T = torch.randn(4000, 1, 2, 2, generator=g, dtype=torch.float64)
-    out = sampler(_gaussian_oracle(s, mu, var), x_T, s, steps=steps, generator=g, clip_x0=False,
-                  **opts)
+    out = sampler(
+        _gaussian_oracle(s, mu, var), x_T, s, steps=steps, generator=g, clip_x0=False, **opts
+    )
     assert out.mean().item() == pytest.approx(mu, abs=0.01)
     assert out.var().item() == pytest.approx(var, rel=0.1)
 
@@ -98,8 +108,9 @@ def test_samplers_with_exact_denoiser_reach_the_data_distribution(sampler, opts,
 def test_discretized_gaussian_is_a_distribution_over_256_values():
     values = torch.arange(256, dtype=torch.float64) / 127.5 - 1
     for mean, log_std in [(0.0, math.log(0.1)), (0.9, math.log(0.02)), (-1.2, math.log(0.5))]:
-        nll = process.discretized_gaussian_nll(values, torch.full_like(values, mean),
-                                               torch.full_like(values, log_std))
+        nll = process.discretized_gaussian_nll(
+            values, torch.full_like(values, mean), torch.full_like(values, log_std)
+        )
         assert torch.exp(-nll).sum().item() == pytest.approx(1.0, abs=1e-6)
 
 
@@ -109,8 +120,16 @@ def test_stratified_bpd_is_unbiased_for_the_exact_bound():
     from genlab.nets import UNet
 
     torch.manual_seed(0)
-    net = UNet(1, 4, base_channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(),
-               dropout=0.0, groups=8)
+    net = UNet(
+        1,
+        4,
+        base_channels=8,
+        channel_mult=(1,),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        dropout=0.0,
+        groups=8,
+    )
     for p in net.conv_out.parameters():  # a non-trivial denoiser
         torch.nn.init.normal_(p, std=0.05)
     model = DiffusionModule(net, (1, 4, 4), schedule=LinearSchedule(40), ema_decay=0)

@@ -26,8 +26,10 @@ def test_every_model_preset_trains_and_samples(model, tiny_cfg):
     assert summary["status"] == "completed" and summary["global_step"] == 4
     for name in ("checkpoints/last.ckpt", "metrics.csv", "summary.json"):
         assert os.path.exists(os.path.join(run, name)), name
-    assert sorted(os.listdir(os.path.join(run, "samples"))) == ["step_0000002.png",
-                                                                 "step_0000004.png"]
+    assert sorted(os.listdir(os.path.join(run, "samples"))) == [
+        "step_0000002.png",
+        "step_0000004.png",
+    ]
     on_disk = json.load(open(os.path.join(run, "summary.json")))
     assert on_disk["metrics"]["train/loss"] > 0 and "val/loss" in on_disk["metrics"]
     assert on_disk["protocol"]["weights"] in ("ema", "raw")
@@ -59,9 +61,14 @@ def test_same_seed_same_losses(tiny_cfg, tmp_path):
 
 def test_stop_and_resume_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
     """4 steps/epoch: stop mid-epoch at step 6, resume to 10; compare with 10 straight."""
-    common = ["data.num_samples=64", "data.batch_size=16", "trainer.val_check_interval=3",
-              "callbacks.periodic_checkpoint.every_n_train_steps=3", "~callbacks.sample_grid",
-              "model.net.dropout=0.1"]
+    common = [
+        "data.num_samples=64",
+        "data.batch_size=16",
+        "trainer.val_check_interval=3",
+        "callbacks.periodic_checkpoint.every_n_train_steps=3",
+        "~callbacks.sample_grid",
+        "model.net.dropout=0.1",
+    ]
 
     def run(sub, steps, ckpt=None):
         cfg = tiny_cfg(*common, f"trainer.max_steps={steps}")
@@ -81,13 +88,31 @@ def test_stop_and_resume_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
 
 def test_cli_run_directory_wandb_offline_and_sample_cli(tmp_path):
     """`python -m genlab` leaves the documented run directory, including an offline W&B run."""
-    run_cli(["data=synthetic", "trainer=cpu", "trainer.max_steps=3", "trainer.val_check_interval=3",
-             "trainer.limit_val_batches=1", "callbacks.sample_grid.every_n_steps=3",
-             "callbacks.sample_grid.num_samples=4", "eval.bpd_images=4", "eval.bpd_timesteps=3",
-             f"paths.log_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "run")], cwd=REPO)
+    run_cli(
+        [
+            "data=synthetic",
+            "trainer=cpu",
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            "trainer.limit_val_batches=1",
+            "callbacks.sample_grid.every_n_steps=3",
+            "callbacks.sample_grid.num_samples=4",
+            "eval.bpd_images=4",
+            "eval.bpd_timesteps=3",
+            f"paths.log_dir={tmp_path}",
+            "hydra.run.dir=" + str(tmp_path / "run"),
+        ],
+        cwd=REPO,
+    )
     run = tmp_path / "run"
-    for name in (".hydra/config.yaml", "checkpoints/last.ckpt", "samples/step_0000003.png",
-                 "metrics.csv", "summary.json", "train.log"):
+    for name in (
+        ".hydra/config.yaml",
+        "checkpoints/last.ckpt",
+        "samples/step_0000003.png",
+        "metrics.csv",
+        "summary.json",
+        "train.log",
+    ):
         assert (run / name).exists(), name
     assert list((run / "wandb").glob("offline-run-*")), "offline W&B run missing"
     summary = json.loads((run / "summary.json").read_text())
@@ -103,12 +128,25 @@ def test_cli_run_directory_wandb_offline_and_sample_cli(tmp_path):
 def test_kill_9_then_resume_from_last_checkpoint(tmp_path):
     """SIGKILL mid-run; the atomically written last.ckpt loads and training continues from it."""
     run = tmp_path / "killed"
-    args = ["data=synthetic", "trainer=cpu", "logger=none", "trainer.max_steps=100000",
-            "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "~callbacks.sample_grid",
-            "callbacks.periodic_checkpoint.every_n_train_steps=2", "trainer.val_check_interval=1000"]
+    args = [
+        "data=synthetic",
+        "trainer=cpu",
+        "logger=none",
+        "trainer.max_steps=100000",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        "~callbacks.sample_grid",
+        "callbacks.periodic_checkpoint.every_n_train_steps=2",
+        "trainer.val_check_interval=1000",
+    ]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "genlab", *args, f"hydra.run.dir={run}"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "genlab", *args, f"hydra.run.dir={run}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 300
         while not list((run / "checkpoints").glob("step_00000[1-9]*.ckpt")):
@@ -120,18 +158,38 @@ def test_kill_9_then_resume_from_last_checkpoint(tmp_path):
     step = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"]
     assert step >= 2 and step % 2 == 0
     resumed = tmp_path / "resumed"
-    run_cli([*args[:3], f"trainer.max_steps={step + 2}", *args[4:],
-             f"ckpt_path={run / 'checkpoints/last.ckpt'}", f"hydra.run.dir={resumed}"], cwd=REPO)
+    run_cli(
+        [
+            *args[:3],
+            f"trainer.max_steps={step + 2}",
+            *args[4:],
+            f"ckpt_path={run / 'checkpoints/last.ckpt'}",
+            f"hydra.run.dir={resumed}",
+        ],
+        cwd=REPO,
+    )
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["global_step"] == step + 2 and summary["resumed_from"].endswith("last.ckpt")
 
 
 def test_ddp_cpu_runs_two_processes(tmp_path):
     run = tmp_path / "ddp"
-    run_cli(["trainer=ddp_cpu", "data=synthetic", "logger=none", "trainer.max_steps=3",
-             "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
-             "~callbacks.sample_grid", "trainer.val_check_interval=3",
-             "trainer.limit_val_batches=1", "eval.bpd_images=0", f"hydra.run.dir={run}"], cwd=REPO)
+    run_cli(
+        [
+            "trainer=ddp_cpu",
+            "data=synthetic",
+            "logger=none",
+            "trainer.max_steps=3",
+            "trainer.enable_progress_bar=false",
+            "~callbacks.progress_bar",
+            "~callbacks.sample_grid",
+            "trainer.val_check_interval=3",
+            "trainer.limit_val_batches=1",
+            "eval.bpd_images=0",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=REPO,
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2
     log = (run / "train.log").read_text() if (run / "train.log").exists() else ""
@@ -141,10 +199,16 @@ def test_ddp_cpu_runs_two_processes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "mnist").exists(), reason="needs ../shared/assets/mnist")
 def test_real_mnist_200_steps_loss_goes_down(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("data=mnist", f"paths.data_dir={SHARED / 'mnist'}", "data.batch_size=64",
-                   "trainer.max_steps=200", "trainer.val_check_interval=100",
-                   "trainer.limit_val_batches=2", "callbacks.sample_grid.every_n_steps=100",
-                   "callbacks.sample_grid.num_samples=16")
+    cfg = tiny_cfg(
+        "data=mnist",
+        f"paths.data_dir={SHARED / 'mnist'}",
+        "data.batch_size=64",
+        "trainer.max_steps=200",
+        "trainer.val_check_interval=100",
+        "trainer.limit_val_batches=2",
+        "callbacks.sample_grid.every_n_steps=100",
+        "callbacks.sample_grid.num_samples=16",
+    )
     summary = train(cfg)
     lines = open(tmp_path / "run" / "metrics.csv").read().splitlines()
     col = lines[0].split(",").index("train/loss")
@@ -157,8 +221,13 @@ def test_real_mnist_200_steps_loss_goes_down(tiny_cfg, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "celeba").exists(), reason="needs ../shared/assets/celeba")
 def test_real_celeba_trains(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("data=celeba", f"paths.data_dir={SHARED / 'celeba'}", "data.image_size=32",
-                   "data.batch_size=8", "trainer.max_steps=6")
+    cfg = tiny_cfg(
+        "data=celeba",
+        f"paths.data_dir={SHARED / 'celeba'}",
+        "data.image_size=32",
+        "data.batch_size=8",
+        "trainer.max_steps=6",
+    )
     summary = train(cfg)
     assert summary["status"] == "completed"
     assert tuple(instantiate(cfg.model).image_shape) == (3, 32, 32)

@@ -5,7 +5,8 @@
 
 Rebuilds the model from ``<run>/.hydra/config.yaml``, loads ``<run>/checkpoints/<ckpt>.ckpt``
 (``weights_only=True``), and writes ``<out>.png`` (a grid) and ``<out>.pt`` (uint8 images
-(n, C, H, W), labels, and the settings used). Default ``out``: ``<run>/samples/sample_<ckpt>_s<seed>``.
+(n, C, H, W), labels, and the settings used).
+Default ``out``: ``<run>/samples/sample_<ckpt>_s<seed>``.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ def load_model(run_dir: str | Path, ckpt: str = "last", device: str = "cpu"):
 def main(argv: list[str] | None = None) -> dict:
     args = OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv))
     if "run_dir" not in args:
-        raise UsageError("usage: python -m genlab.sample run_dir=<run> [n=64] [ckpt=last] [seed=0] "
-                         "[ema=true] [steps=N] [label=K] [device=auto] [out=<path>]")
+        raise UsageError(
+            "usage: python -m genlab.sample run_dir=<run> [n=64] [ckpt=last] [seed=0] "
+            "[ema=true] [steps=N] [label=K] [device=auto] [out=<path>]"
+        )
     device = args.get("device", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,10 +66,19 @@ def main(argv: list[str] | None = None) -> dict:
         opts["use_ema"] = bool(args.ema)
     generator = torch.Generator().manual_seed(seed)
     images = model.sample(n, y=y, generator=generator, progress=True, **opts)
-    out = Path(args.get("out") or Path(args.run_dir) / "samples" / f"sample_{Path(ckpt).stem}_s{seed}")
+    out = Path(
+        args.get("out") or Path(args.run_dir) / "samples" / f"sample_{Path(ckpt).stem}_s{seed}"
+    )
     png = save_grid(images, out.with_suffix(".png"))
-    info = {"n": n, "seed": seed, "ckpt": ckpt, "global_step": step, "labels": y,
-            "use_ema": opts.get("use_ema", True), "steps": opts.get("steps")}
+    info = {
+        "n": n,
+        "seed": seed,
+        "ckpt": ckpt,
+        "global_step": step,
+        "labels": y,
+        "use_ema": opts.get("use_ema", True),
+        "steps": opts.get("steps"),
+    }
     torch.save({"images": to_uint8(images).cpu(), **info}, out.with_suffix(".pt"))
     print(f"wrote {png} and {out.with_suffix('.pt')}")
     return {"png": png, "pt": out.with_suffix(".pt"), "images": images}

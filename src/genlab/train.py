@@ -24,15 +24,21 @@ log = logging.getLogger("genlab")
 # Lightning warnings that do not apply here: in-memory tensors need no workers; the EMA copy
 # is in eval mode on purpose; the CSV log shares the run directory with Hydra's files; and
 # mid-epoch resumes are exact because the training sampler skips already-seen batches.
-for pattern in (".*does not have many workers.*", ".*module\\(s\\) in eval mode.*",
-                ".*exists and is not empty.*", ".*resuming from a checkpoint that ended before.*",
-                ".*smaller than the logging interval.*"):
+for pattern in (
+    ".*does not have many workers.*",
+    ".*module\\(s\\) in eval mode.*",
+    ".*exists and is not empty.*",
+    ".*resuming from a checkpoint that ended before.*",
+    ".*smaller than the logging interval.*",
+):
     warnings.filterwarnings("ignore", message=pattern)
 
 
 def _choices() -> dict:
     try:
-        return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
+        return {
+            k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")
+        }
     except ValueError:  # not under Hydra (tests composing by hand)
         return {}
 
@@ -75,12 +81,22 @@ def final_evaluation(cfg: DictConfig, model, datamodule) -> dict:
     images, labels = val.tensors[0][:n], val.tensors[1][:n]
     x, _ = datamodule.on_after_batch_transfer((images.to(model.device), labels), 0)
     generator = torch.Generator().manual_seed(cfg.seed)
-    bpd = torch.cat([model.bits_per_dim(x[i:i + 64], generator=generator,
-                                        timesteps=cfg.eval.get("bpd_timesteps"))
-                     for i in range(0, len(x), 64)])
-    return {"val/bpd": bpd.mean().item(), "bpd_protocol": {
-        "images": len(x), "timesteps": cfg.eval.get("bpd_timesteps"),
-        "convention": "bits per dimension of 8-bit data, variational bound"}}
+    bpd = torch.cat(
+        [
+            model.bits_per_dim(
+                x[i : i + 64], generator=generator, timesteps=cfg.eval.get("bpd_timesteps")
+            )
+            for i in range(0, len(x), 64)
+        ]
+    )
+    return {
+        "val/bpd": bpd.mean().item(),
+        "bpd_protocol": {
+            "images": len(x),
+            "timesteps": cfg.eval.get("bpd_timesteps"),
+            "convention": "bits per dimension of 8-bit data, variational bound",
+        },
+    }
 
 
 def train(cfg: DictConfig) -> dict:
@@ -97,7 +113,8 @@ def train(cfg: DictConfig) -> dict:
     model = instantiate(cfg.model)
     marks: dict = {}  # step at which fitting started (non-zero when resuming), for images/s
     mark = L.pytorch.callbacks.LambdaCallback(
-        on_train_start=lambda tr, pl: marks.update(step=tr.global_step, time=time.time()))
+        on_train_start=lambda tr, pl: marks.update(step=tr.global_step, time=time.time())
+    )
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         callbacks=[*build_callbacks(cfg), mark, FinalCheckpoint(run_dir / "checkpoints")],
@@ -106,7 +123,9 @@ def train(cfg: DictConfig) -> dict:
     )
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger) and trainer.is_global_zero:
-            lg.experiment.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
+            lg.experiment.config.update(
+                OmegaConf.to_container(cfg, resolve=True), allow_val_change=True
+            )
 
     summary = {
         "status": "running",
@@ -124,10 +143,15 @@ def train(cfg: DictConfig) -> dict:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     except BaseException as err:
         if trainer.is_global_zero:
-            write_summary(run_dir, {"status": "interrupted" if isinstance(err, KeyboardInterrupt)
-                                    else "failed", "error": f"{type(err).__name__}: {err}",
-                                    "global_step": trainer.global_step,
-                                    "wall_time_s": time.time() - start})
+            write_summary(
+                run_dir,
+                {
+                    "status": "interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
+                    "error": f"{type(err).__name__}: {err}",
+                    "global_step": trainer.global_step,
+                    "wall_time_s": time.time() - start,
+                },
+            )
         raise
     wall = time.time() - start
     if not trainer.is_global_zero:
@@ -136,16 +160,21 @@ def train(cfg: DictConfig) -> dict:
     metrics.update(final_evaluation(cfg, model, datamodule))
     steps_done = trainer.global_step - marks.get("step", 0)
     fit_time = time.time() - marks.get("time", start)
-    summary.update({
-        "status": "completed",
-        "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)},
-        "bpd_protocol": metrics.get("bpd_protocol"),
-        "global_step": trainer.global_step,
-        "epochs": trainer.current_epoch,
-        "wall_time_s": wall,
-        "train_images_per_s": steps_done * datamodule.batch_size * trainer.world_size / max(fit_time, 1e-9),
-        "checkpoint": "checkpoints/last.ckpt",
-    })
+    summary.update(
+        {
+            "status": "completed",
+            "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)},
+            "bpd_protocol": metrics.get("bpd_protocol"),
+            "global_step": trainer.global_step,
+            "epochs": trainer.current_epoch,
+            "wall_time_s": wall,
+            "train_images_per_s": steps_done
+            * datamodule.batch_size
+            * trainer.world_size
+            / max(fit_time, 1e-9),
+            "checkpoint": "checkpoints/last.ckpt",
+        }
+    )
     write_summary(run_dir, summary, merge=False)
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger):

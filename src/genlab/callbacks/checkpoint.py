@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 import lightning as L
+import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 

@@ -97,7 +97,10 @@ def posterior(
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """KL(N(mean1, exp logvar1) || N(mean2, exp logvar2)), elementwise, in nats."""
     return 0.5 * (
-        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+        -1.0
+        + logvar2
+        - logvar1
+        + torch.exp(logvar1 - logvar2)
         + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
     )
 

@@ -120,7 +120,9 @@ class UNet(nn.Module):
         self.down = nn.ModuleList()
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
-                block = nn.ModuleList([ResBlock(ch, base_channels * mult, temb_dim, dropout, groups)])
+                block = nn.ModuleList(
+                    [ResBlock(ch, base_channels * mult, temb_dim, dropout, groups)]
+                )
                 ch = base_channels * mult
                 if res in attn:
                     block.append(AttnBlock(ch, num_heads, groups))
