@@ -231,3 +231,37 @@ def test_real_celeba_trains(tiny_cfg, tmp_path):
     summary = train(cfg)
     assert summary["status"] == "completed"
     assert tuple(instantiate(cfg.model).image_shape) == (3, 32, 32)
+
+
+def test_cli_help_cfg_and_multirun(tmp_path):
+    """--help lists the groups, --cfg job prints without running, -m gives a dir per job."""
+    help_text = run_cli(["--help"], cwd=REPO).stdout
+    assert "model: diffusion, diffusion_cond" in help_text
+    assert "trainer: cpu, ddp, ddp_cpu, default, gpu" in help_text
+    job = run_cli(["--cfg", "job", "data=synthetic"], cwd=REPO).stdout
+    assert "_target_: genlab.data.SyntheticDataModule" in job
+    assert not (REPO / "logs").exists() or not list((REPO / "logs").rglob("*synthetic*"))
+
+    sweep = tmp_path / "sweep"
+    run_cli(
+        [
+            "-m",
+            "seed=0,1",
+            "data=synthetic",
+            "trainer=cpu",
+            "logger=none",
+            "trainer.max_steps=1",
+            "trainer.enable_progress_bar=false",
+            "~callbacks.progress_bar",
+            "~callbacks.sample_grid",
+            "trainer.val_check_interval=1",
+            "trainer.limit_val_batches=1",
+            "eval.bpd_images=0",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=REPO,
+    )
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert jobs == ["0_diffusion_synthetic", "1_diffusion_synthetic"]
+    seeds = [json.loads((sweep / j / "summary.json").read_text())["protocol"]["seed"] for j in jobs]
+    assert seeds == [0, 1]

@@ -131,14 +131,14 @@ def reverse_log_variance(schedule: NoiseSchedule, t: torch.Tensor, kind: str) ->
     """log sigma_t^2 of the fixed reverse-process variance (Ho et al. 2020, Sec. 3.2):
     ``small`` = posterior variance beta-tilde_t (beta-tilde_1 at t=0, where it is 0),
     ``large`` = beta_t (beta-tilde_1 at t=0, as in improved-diffusion)."""
+    if kind not in ("small", "large"):
+        raise ValueError(f"variance must be 'small' or 'large', got {kind!r}")
     betas = schedule.betas.to(t.device)
     ab = schedule.alphas_cumprod.to(t.device)
     ab_prev = torch.cat([torch.ones(1, dtype=ab.dtype, device=ab.device), ab[:-1]])
     post = betas * (1 - ab_prev) / (1 - ab)
     post = torch.cat([post[1:2], post[1:]])
     table = post if kind == "small" else torch.cat([post[1:2], betas[1:]])
-    if kind not in ("small", "large"):
-        raise ValueError(f"variance must be 'small' or 'large', got {kind!r}")
     return torch.log(table[t.long()])
 
 

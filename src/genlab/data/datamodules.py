@@ -1,0 +1,353 @@
+"""LightningDataModules. Every dataset is read once into uint8 tensors at the target
+resolution, cached on disk (``cache_dir``), and served from memory; batches are converted to
+[-1, 1] after they reach the device (``on_after_batch_transfer``), with an optional random
+horizontal flip on training batches.
+
+Splits: ``train`` and ``val``. For MNIST, Fashion-MNIST and CIFAR-10 ``val`` is the official
+test set; for CelebA it is the official validation partition when
+``list_eval_partition.txt`` is present, else the last ``val_fraction`` of the sorted files;
+for a folder it is a fixed random ``val_fraction`` of the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from genlab.data import readers
+from genlab.data.convert import to_model
+from genlab.data.readers import not_found
+
+SPLITS = ("train", "val")
+
+
+class ResumableSampler(torch.utils.data.Sampler[int]):
+    """Shuffles with a permutation fixed by (seed, epoch). ``skip`` drops the first samples of
+    the next pass, so a run resumed mid-epoch sees exactly the batches an uninterrupted run
+    would have seen (Lightning calls ``set_epoch`` at every epoch start)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        skip, self.skip = self.skip, 0
+        return iter(perm[skip:])
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base class: subclasses implement ``read_split(split) -> (uint8 (N,C,H,W), labels (N,))``
+    and may extend ``cache_fields`` with whatever identifies their source.
+
+    Args:
+        root: where the dataset's files are (``paths.data_dir``).
+        image_size: side of the square images served to models.
+        channels: 1 or 3; sources are converted if they differ.
+        num_classes: number of labels (0 for unlabelled data); checked against the source.
+        batch_size / eval_batch_size: per-process batch sizes for training / validation.
+        num_workers: DataLoader workers (0 is fastest for in-memory tensors).
+        hflip: random horizontal flips on training batches.
+        cache_dir: where decoded tensors are cached (None: no cache).
+        download: let torchvision download missing files (needs network).
+        seed: seeds the training shuffle.
+    """
+
+    name = "images"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        image_size: int = 28,
+        channels: int = 1,
+        num_classes: int = 0,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        hflip: bool = False,
+        cache_dir: str | None = None,
+        download: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.root = Path(os.path.expanduser(root)) if root else Path("data")
+        self.image_size = int(image_size)
+        self.channels = int(channels)
+        self.num_classes = int(num_classes)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.hflip = hflip
+        self.cache_dir = Path(os.path.expanduser(cache_dir)) if cache_dir else None
+        self.download = download
+        self.seed = seed
+        self._splits: dict[str, TensorDataset] = {}
+
+    # --------------------------------------------------------------- to implement
+    def read_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def cache_fields(self, split: str) -> dict:
+        return {
+            "dataset": self.name,
+            "split": split,
+            "root": str(self.root.resolve()),
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "version": 1,
+        }
+
+    # --------------------------------------------------------------- loading and caching
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def cache_path(self, split: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        fields = self.cache_fields(split)
+        key = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+        name = f"{self.name}-{split}-{self.channels}x{self.image_size}x{self.image_size}-{key}.pt"
+        return self.cache_dir / name
+
+    def load_split(self, split: str) -> TensorDataset:
+        """uint8 images and labels of one split, from memory, the cache, or the source."""
+        if split in self._splits:
+            return self._splits[split]
+        path = self.cache_path(split)
+        if path is not None and path.exists():
+            blob = torch.load(path, weights_only=True)
+            images, labels = blob["images"], blob["labels"]
+        else:
+            images, labels = self.read_split(split)
+            images = readers.resize_uint8(readers.match_channels(images, self.channels), self.image_size)
+            labels = labels.long()
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                torch.save({"images": images, "labels": labels}, tmp)
+                os.replace(tmp, path)
+        self._check(images, labels, split)
+        self._splits[split] = TensorDataset(images, labels)
+        return self._splits[split]
+
+    def _check(self, images: torch.Tensor, labels: torch.Tensor, split: str) -> None:
+        if images.dtype != torch.uint8 or tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(f"{self.name}/{split}: expected uint8 {self.image_shape} images, "
+                             f"got {images.dtype} {tuple(images.shape[1:])}")
+        if self.num_classes > 0 and len(labels) and int(labels.max()) >= self.num_classes:
+            raise ValueError(f"{self.name}/{split} has label {int(labels.max())} but "
+                             f"data.num_classes={self.num_classes}")
+
+    # --------------------------------------------------------------- Lightning hooks
+    def prepare_data(self) -> None:  # rank 0 of each node: fills the cache
+        for split in SPLITS:
+            self.load_split(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in SPLITS:
+            self.load_split(split)
+
+    def train_dataloader(self) -> DataLoader:
+        data = self.load_split("train")
+        drop_last = len(data) >= self.batch_size
+        sampler = ResumableSampler(len(data), self.seed)
+        trainer = self.trainer
+        if trainer is not None and trainer.global_step > 0:  # resuming: skip what was trained
+            per_epoch = len(data) // self.batch_size if drop_last else -(-len(data) // self.batch_size)
+            done = (trainer.global_step * trainer.accumulate_grad_batches) % per_epoch
+            sampler.skip = done * self.batch_size
+        return DataLoader(
+            data,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.load_split("val"), batch_size=self.eval_batch_size, num_workers=self.num_workers
+        )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        x = to_model(images)
+        if self.hflip and self.trainer is not None and self.trainer.training:
+            flip = torch.rand(x.shape[0], device=x.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, labels
+
+
+class _TorchvisionDataModule(ImageDataModule):
+    tv_name = ""
+
+    def read_split(self, split):
+        return readers.read_torchvision(self.tv_name, self.root, split, self.download)
+
+
+class MNISTDataModule(_TorchvisionDataModule):
+    """MNIST (LeCun et al. 1998): 60k train / 10k test digits, 28x28 grey, 10 classes."""
+
+    name = tv_name = "mnist"
+
+
+class FashionMNISTDataModule(_TorchvisionDataModule):
+    """Fashion-MNIST (Xiao et al. 2017): 60k / 10k, 28x28 grey, 10 classes."""
+
+    name = tv_name = "fashion_mnist"
+
+
+class CIFAR10DataModule(_TorchvisionDataModule):
+    """CIFAR-10 (Krizhevsky 2009): 50k / 10k, 32x32 RGB, 10 classes."""
+
+    name = tv_name = "cifar10"
+
+
+class FolderDataModule(ImageDataModule):
+    """Any directory tree of images. If every image sits in a first-level subfolder, the
+    subfolder names (sorted) are the classes; otherwise the data is unlabelled.
+
+    Args (beyond the base): crop: centre square crop as a fraction of the shorter side,
+    applied before resizing; val_fraction: share of files held out for validation.
+    """
+
+    name = "folder"
+
+    def __init__(self, crop: float = 1.0, val_fraction: float = 0.05, **kwargs):
+        super().__init__(**kwargs)
+        self.crop = crop
+        self.val_fraction = val_fraction
+
+    def image_dir(self) -> Path:
+        if not self.root.is_dir():
+            raise not_found(f"image folder {self.root}", f"a directory of images at {self.root}")
+        return self.root
+
+    def split_files(self, files: list[Path], split: str) -> list[Path]:
+        perm = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
+        n_val = int(round(self.val_fraction * len(files)))
+        idx = sorted(perm[:n_val]) if split == "val" else sorted(perm[n_val:])
+        return [files[i] for i in idx]
+
+    def _files(self) -> list[Path]:
+        if not hasattr(self, "_file_list"):
+            root = self.image_dir()
+            files = readers.list_images(root)
+            if not files:
+                raise not_found(f"images under {root}", f"files ending in {readers.IMAGE_EXTENSIONS}")
+            self._file_list = files
+        return self._file_list
+
+    def cache_fields(self, split):
+        return {**super().cache_fields(split), "crop": self.crop, "val_fraction": self.val_fraction,
+                "files": readers.files_signature(self._files())}
+
+    def labels_for(self, files: list[Path]) -> torch.Tensor:
+        root = self.image_dir()
+        parents = [f.parent.relative_to(root).parts for f in self._files()]
+        if parents and all(len(p) >= 1 for p in parents):
+            classes = sorted({p[0] for p in parents})
+            index = {c: i for i, c in enumerate(classes)}
+            if self.num_classes and self.num_classes != len(classes):
+                raise ValueError(f"{root} has {len(classes)} class folders but "
+                                 f"data.num_classes={self.num_classes}; set it to {len(classes)}")
+            return torch.tensor([index[f.parent.relative_to(root).parts[0]] for f in files])
+        if self.num_classes:
+            raise ValueError(f"{root} has no class subfolders; set data.num_classes=0")
+        return torch.zeros(len(files), dtype=torch.long)
+
+    def read_split(self, split):
+        files = self.split_files(self._files(), split)
+        if not files:
+            raise ValueError(f"the {split} split of {self.root} is empty; adjust data.val_fraction")
+        images, kept = readers.decode_images(
+            files, self.image_size, self.crop, self.channels, desc=f"{self.name}/{split}"
+        )
+        return images, self.labels_for([files[i] for i in kept])
+
+
+class CelebADataModule(FolderDataModule):
+    """Aligned CelebA faces (Liu et al. 2015), centre-cropped then resized (default 64x64).
+
+    ``crop`` is a fraction of the image's shorter side (0.8 keeps the central 142 px of the
+    178x218 originals, 71 px of a half-size copy), so full and reduced copies give the same
+    framing. Reads ``<root>/img_align_celeba`` or ``<root>/celeba/img_align_celeba``; online
+    it can download through torchvision (Google Drive quotas permitting).
+    """
+
+    name = "celeba"
+
+    def image_dir(self) -> Path:
+        for candidate in (self.root / "img_align_celeba", self.root / "celeba" / "img_align_celeba"):
+            if candidate.is_dir():
+                return candidate
+        if self.download:
+            try:
+                import torchvision.datasets as tvd
+
+                tvd.CelebA(str(self.root), split="all", target_type=[], download=True)
+                return self.root / "celeba" / "img_align_celeba"
+            except Exception as err:  # noqa: BLE001 - any download failure ends in one message
+                raise not_found("CelebA", f"{self.root}/img_align_celeba/*.jpg",
+                                f"; download failed: {type(err).__name__}") from None
+        raise not_found("CelebA", f"{self.root}/img_align_celeba/*.jpg")
+
+    def split_files(self, files, split):
+        image_dir = self.image_dir()
+        for partition in (image_dir.parent / "list_eval_partition.txt",
+                          image_dir.parent / "celeba" / "list_eval_partition.txt"):
+            if partition.exists():
+                wanted = {"train": "0", "val": "1"}[split]
+                names = {line.split()[0] for line in partition.read_text().splitlines()
+                         if line.strip() and line.split()[1] == wanted}
+                return [f for f in files if f.name in names]
+        n_val = int(round(self.val_fraction * len(files)))
+        return files[len(files) - n_val:] if split == "val" else files[: len(files) - n_val]
+
+    def labels_for(self, files):
+        return torch.zeros(len(files), dtype=torch.long)
+
+
+class SyntheticDataModule(ImageDataModule):
+    """Tiny deterministic images generated in memory, for tests: class k is a bright square
+    whose position depends on k (with jitter), on a dark noisy background."""
+
+    name = "synthetic"
+
+    def __init__(self, num_samples: int = 256, num_val: int = 64, **kwargs):
+        kwargs.setdefault("num_classes", 4)
+        kwargs["cache_dir"] = None  # generated in a blink: never cached
+        super().__init__(**kwargs)
+        self.num_samples, self.num_val = num_samples, num_val
+
+    def read_split(self, split):
+        n = self.num_samples if split == "train" else self.num_val
+        g = torch.Generator().manual_seed(1234 + (split == "val"))
+        s, k = self.image_size, max(self.num_classes, 1)
+        labels = torch.randint(0, k, (n,), generator=g)
+        images = torch.randint(0, 40, (n, self.channels, s, s), generator=g, dtype=torch.uint8)
+        side = max(2, s // 3)
+        for i in range(n):
+            cls = int(labels[i])
+            row = (cls * (s - side)) // max(k - 1, 1)
+            col = int(torch.randint(0, s - side + 1, (1,), generator=g))
+            images[i, :, row:row + side, col:col + side] = 200 + 15 * (i % 4)
+        if self.num_classes == 0:
+            labels.zero_()
+        return images, labels
