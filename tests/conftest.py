@@ -32,6 +32,7 @@ TINY = [
     "callbacks.sample_grid.every_n_steps=2",
     "callbacks.sample_grid.num_samples=4",
     "callbacks.periodic_checkpoint.every_n_train_steps=2",
+    "callbacks.last_checkpoint.every_n_train_steps=2",
     "eval.bpd_images=8",
     "eval.bpd_timesteps=4",
 ]

@@ -66,6 +66,7 @@ def test_stop_and_resume_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
         "data.batch_size=16",
         "trainer.val_check_interval=3",
         "callbacks.periodic_checkpoint.every_n_train_steps=3",
+        "callbacks.last_checkpoint.every_n_train_steps=3",
         "~callbacks.sample_grid",
         "model.net.dropout=0.1",
     ]
@@ -136,7 +137,7 @@ def test_kill_9_then_resume_from_last_checkpoint(tmp_path):
         "trainer.enable_progress_bar=false",
         "~callbacks.progress_bar",
         "~callbacks.sample_grid",
-        "callbacks.periodic_checkpoint.every_n_train_steps=2",
+        "callbacks.last_checkpoint.every_n_train_steps=2",
         "trainer.val_check_interval=1000",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
@@ -149,9 +150,10 @@ def test_kill_9_then_resume_from_last_checkpoint(tmp_path):
     )
     try:
         deadline = time.time() + 300
-        while not list((run / "checkpoints").glob("step_00000[1-9]*.ckpt")):
+        while not (run / "checkpoints" / "last.ckpt").exists():
             assert proc.poll() is None and time.time() < deadline, "run ended before a checkpoint"
             time.sleep(0.5)
+        time.sleep(1.5)  # let it run on and rewrite last.ckpt: the kill may land mid-write
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

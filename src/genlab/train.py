@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from genlab.callbacks.checkpoint import AtomicCheckpointIO, FinalCheckpoint
+from genlab.callbacks.checkpoint import AtomicCheckpointIO
 from genlab.utils import CONF_DIR, wandb_mode, write_summary
 
 log = logging.getLogger("genlab")
@@ -117,7 +117,7 @@ def train(cfg: DictConfig) -> dict:
     )
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        callbacks=[*build_callbacks(cfg), mark, FinalCheckpoint(run_dir / "checkpoints")],
+        callbacks=[*build_callbacks(cfg), mark],
         logger=build_loggers(cfg, run_dir),
         plugins=[AtomicCheckpointIO()],
     )

@@ -1,6 +1,6 @@
 """Lightning callbacks that reach a family only through its public contract."""
 
-from genlab.callbacks.checkpoint import AtomicCheckpointIO, atomic_torch_save
+from genlab.callbacks.checkpoint import AtomicCheckpointIO, LastCheckpoint, atomic_torch_save
 from genlab.callbacks.samples import SampleGrid
 
-__all__ = ["SampleGrid", "AtomicCheckpointIO", "atomic_torch_save"]
+__all__ = ["SampleGrid", "AtomicCheckpointIO", "LastCheckpoint", "atomic_torch_save"]

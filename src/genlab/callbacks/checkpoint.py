@@ -43,21 +43,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
-class FinalCheckpoint(L.Callback):
-    """Writes ``<dirpath>/last.ckpt`` at the step where ``max_steps`` ends training, from inside
-    the training loop (so the loop state says "mid-epoch" and a resume continues exactly), and
-    after ``fit`` for any other stop (``max_time``, ``max_epochs``, early stopping)."""
+class LastCheckpoint(L.Callback):
+    """Keeps ``<dirpath>/last.ckpt`` current, the file to resume from: every
+    ``every_n_train_steps`` steps; at the step where ``max_steps`` ends training, from inside the
+    loop (so the saved loop state is mid-epoch and a resume continues exactly); and after
+    ``fit`` for any other stop (``max_time``, ``max_epochs``, early stopping). The only writer
+    of ``last.ckpt`` (the ModelCheckpoint presets do not ``save_last``)."""
 
-    def __init__(self, dirpath: str | Path):
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int = 500):
         self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_train_steps = every_n_train_steps
         self.saved_step = -1
 
+    def _save(self, trainer) -> None:
+        trainer.save_checkpoint(self.path, weights_only=False)
+        self.saved_step = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if 0 < trainer.max_steps <= trainer.global_step:
-            trainer.save_checkpoint(self.path, weights_only=False)
-            self.saved_step = trainer.global_step
+        step, every = trainer.global_step, self.every_n_train_steps
+        if (every > 0 and step % every == 0) or 0 < trainer.max_steps <= step:
+            self._save(trainer)
 
     def on_fit_end(self, trainer, pl_module):
         if self.saved_step != trainer.global_step:
-            trainer.save_checkpoint(self.path, weights_only=False)
-            self.saved_step = trainer.global_step
+            self._save(trainer)

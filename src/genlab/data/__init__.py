@@ -13,7 +13,17 @@ from genlab.data.datamodules import (
 from genlab.data.readers import CorruptImageWarning, DatasetNotFoundError
 
 __all__ = [
-    "ImageDataModule", "MNISTDataModule", "FashionMNISTDataModule", "CIFAR10DataModule",
-    "CelebADataModule", "FolderDataModule", "SyntheticDataModule", "DatasetNotFoundError",
-    "CorruptImageWarning", "to_model", "to_uint8", "to_unit", "save_grid",
+    "ImageDataModule",
+    "MNISTDataModule",
+    "FashionMNISTDataModule",
+    "CIFAR10DataModule",
+    "CelebADataModule",
+    "FolderDataModule",
+    "SyntheticDataModule",
+    "DatasetNotFoundError",
+    "CorruptImageWarning",
+    "to_model",
+    "to_uint8",
+    "to_unit",
+    "save_grid",
 ]

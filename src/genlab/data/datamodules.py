@@ -134,7 +134,9 @@ class ImageDataModule(L.LightningDataModule):
             images, labels = blob["images"], blob["labels"]
         else:
             images, labels = self.read_split(split)
-            images = readers.resize_uint8(readers.match_channels(images, self.channels), self.image_size)
+            images = readers.resize_uint8(
+                readers.match_channels(images, self.channels), self.image_size
+            )
             labels = labels.long()
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,11 +149,15 @@ class ImageDataModule(L.LightningDataModule):
 
     def _check(self, images: torch.Tensor, labels: torch.Tensor, split: str) -> None:
         if images.dtype != torch.uint8 or tuple(images.shape[1:]) != self.image_shape:
-            raise ValueError(f"{self.name}/{split}: expected uint8 {self.image_shape} images, "
-                             f"got {images.dtype} {tuple(images.shape[1:])}")
+            raise ValueError(
+                f"{self.name}/{split}: expected uint8 {self.image_shape} images, "
+                f"got {images.dtype} {tuple(images.shape[1:])}"
+            )
         if self.num_classes > 0 and len(labels) and int(labels.max()) >= self.num_classes:
-            raise ValueError(f"{self.name}/{split} has label {int(labels.max())} but "
-                             f"data.num_classes={self.num_classes}")
+            raise ValueError(
+                f"{self.name}/{split} has label {int(labels.max())} but "
+                f"data.num_classes={self.num_classes}"
+            )
 
     # --------------------------------------------------------------- Lightning hooks
     def prepare_data(self) -> None:  # rank 0 of each node: fills the cache
@@ -168,7 +174,9 @@ class ImageDataModule(L.LightningDataModule):
         sampler = ResumableSampler(len(data), self.seed)
         trainer = self.trainer
         if trainer is not None and trainer.global_step > 0:  # resuming: skip what was trained
-            per_epoch = len(data) // self.batch_size if drop_last else -(-len(data) // self.batch_size)
+            per_epoch = (
+                len(data) // self.batch_size if drop_last else -(-len(data) // self.batch_size)
+            )
             done = (trainer.global_step * trainer.accumulate_grad_batches) % per_epoch
             sampler.skip = done * self.batch_size
         return DataLoader(
@@ -250,13 +258,19 @@ class FolderDataModule(ImageDataModule):
             root = self.image_dir()
             files = readers.list_images(root)
             if not files:
-                raise not_found(f"images under {root}", f"files ending in {readers.IMAGE_EXTENSIONS}")
+                raise not_found(
+                    f"images under {root}", f"files ending in {readers.IMAGE_EXTENSIONS}"
+                )
             self._file_list = files
         return self._file_list
 
     def cache_fields(self, split):
-        return {**super().cache_fields(split), "crop": self.crop, "val_fraction": self.val_fraction,
-                "files": readers.files_signature(self._files())}
+        return {
+            **super().cache_fields(split),
+            "crop": self.crop,
+            "val_fraction": self.val_fraction,
+            "files": readers.files_signature(self._files()),
+        }
 
     def labels_for(self, files: list[Path]) -> torch.Tensor:
         root = self.image_dir()
@@ -265,8 +279,10 @@ class FolderDataModule(ImageDataModule):
             classes = sorted({p[0] for p in parents})
             index = {c: i for i, c in enumerate(classes)}
             if self.num_classes and self.num_classes != len(classes):
-                raise ValueError(f"{root} has {len(classes)} class folders but "
-                                 f"data.num_classes={self.num_classes}; set it to {len(classes)}")
+                raise ValueError(
+                    f"{root} has {len(classes)} class folders but "
+                    f"data.num_classes={self.num_classes}; set it to {len(classes)}"
+                )
             return torch.tensor([index[f.parent.relative_to(root).parts[0]] for f in files])
         if self.num_classes:
             raise ValueError(f"{root} has no class subfolders; set data.num_classes=0")
@@ -294,7 +310,10 @@ class CelebADataModule(FolderDataModule):
     name = "celeba"
 
     def image_dir(self) -> Path:
-        for candidate in (self.root / "img_align_celeba", self.root / "celeba" / "img_align_celeba"):
+        for candidate in (
+            self.root / "img_align_celeba",
+            self.root / "celeba" / "img_align_celeba",
+        ):
             if candidate.is_dir():
                 return candidate
         if self.download:
@@ -304,21 +323,29 @@ class CelebADataModule(FolderDataModule):
                 tvd.CelebA(str(self.root), split="all", target_type=[], download=True)
                 return self.root / "celeba" / "img_align_celeba"
             except Exception as err:  # noqa: BLE001 - any download failure ends in one message
-                raise not_found("CelebA", f"{self.root}/img_align_celeba/*.jpg",
-                                f"; download failed: {type(err).__name__}") from None
+                raise not_found(
+                    "CelebA",
+                    f"{self.root}/img_align_celeba/*.jpg",
+                    f"; download failed: {type(err).__name__}",
+                ) from None
         raise not_found("CelebA", f"{self.root}/img_align_celeba/*.jpg")
 
     def split_files(self, files, split):
         image_dir = self.image_dir()
-        for partition in (image_dir.parent / "list_eval_partition.txt",
-                          image_dir.parent / "celeba" / "list_eval_partition.txt"):
+        for partition in (
+            image_dir.parent / "list_eval_partition.txt",
+            image_dir.parent / "celeba" / "list_eval_partition.txt",
+        ):
             if partition.exists():
                 wanted = {"train": "0", "val": "1"}[split]
-                names = {line.split()[0] for line in partition.read_text().splitlines()
-                         if line.strip() and line.split()[1] == wanted}
+                names = {
+                    line.split()[0]
+                    for line in partition.read_text().splitlines()
+                    if line.strip() and line.split()[1] == wanted
+                }
                 return [f for f in files if f.name in names]
         n_val = int(round(self.val_fraction * len(files)))
-        return files[len(files) - n_val:] if split == "val" else files[: len(files) - n_val]
+        return files[len(files) - n_val :] if split == "val" else files[: len(files) - n_val]
 
     def labels_for(self, files):
         return torch.zeros(len(files), dtype=torch.long)
@@ -347,7 +374,7 @@ class SyntheticDataModule(ImageDataModule):
             cls = int(labels[i])
             row = (cls * (s - side)) // max(k - 1, 1)
             col = int(torch.randint(0, s - side + 1, (1,), generator=g))
-            images[i, :, row:row + side, col:col + side] = 200 + 15 * (i % 4)
+            images[i, :, row : row + side, col : col + side] = 200 + 15 * (i % 4)
         if self.num_classes == 0:
             labels.zero_()
         return images, labels

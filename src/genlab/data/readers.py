@@ -85,7 +85,9 @@ def _expected_files(dataset: str, root: str | Path) -> str:
     if dataset == "cifar10":
         return f"{Path(root) / 'cifar-10-batches-py'}/ (data_batch_1..5, test_batch)"
     folder = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[dataset]
-    return f"{Path(root) / folder / 'raw'}/ train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-*"
+    return (
+        f"{Path(root) / folder / 'raw'}/ train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-*"
+    )
 
 
 # ------------------------------------------------------------------ image files
