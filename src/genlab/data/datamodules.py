@@ -66,13 +66,15 @@ class ImageDataModule(L.LightningDataModule):
     """
 
     name = "images"
+    # geometry used when the constructor is not told (configs always say it)
+    geometry = {"image_size": 28, "channels": 1, "num_classes": 0}
 
     def __init__(
         self,
         root: str | None = None,
-        image_size: int = 28,
-        channels: int = 1,
-        num_classes: int = 0,
+        image_size: int | None = None,
+        channels: int | None = None,
+        num_classes: int | None = None,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -82,6 +84,9 @@ class ImageDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
+        image_size = self.geometry["image_size"] if image_size is None else image_size
+        channels = self.geometry["channels"] if channels is None else channels
+        num_classes = self.geometry["num_classes"] if num_classes is None else num_classes
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         self.root = Path(os.path.expanduser(root)) if root else Path("data")
@@ -213,18 +218,21 @@ class MNISTDataModule(_TorchvisionDataModule):
     """MNIST (LeCun et al. 1998): 60k train / 10k test digits, 28x28 grey, 10 classes."""
 
     name = tv_name = "mnist"
+    geometry = {"image_size": 28, "channels": 1, "num_classes": 10}
 
 
 class FashionMNISTDataModule(_TorchvisionDataModule):
     """Fashion-MNIST (Xiao et al. 2017): 60k / 10k, 28x28 grey, 10 classes."""
 
     name = tv_name = "fashion_mnist"
+    geometry = {"image_size": 28, "channels": 1, "num_classes": 10}
 
 
 class CIFAR10DataModule(_TorchvisionDataModule):
     """CIFAR-10 (Krizhevsky 2009): 50k / 10k, 32x32 RGB, 10 classes."""
 
     name = tv_name = "cifar10"
+    geometry = {"image_size": 32, "channels": 3, "num_classes": 10}
 
 
 class FolderDataModule(ImageDataModule):
@@ -236,6 +244,7 @@ class FolderDataModule(ImageDataModule):
     """
 
     name = "folder"
+    geometry = {"image_size": 32, "channels": 3, "num_classes": 0}
 
     def __init__(self, crop: float = 1.0, val_fraction: float = 0.05, **kwargs):
         super().__init__(**kwargs)
@@ -308,6 +317,7 @@ class CelebADataModule(FolderDataModule):
     """
 
     name = "celeba"
+    geometry = {"image_size": 64, "channels": 3, "num_classes": 0}
 
     def image_dir(self) -> Path:
         for candidate in (
@@ -356,9 +366,9 @@ class SyntheticDataModule(ImageDataModule):
     whose position depends on k (with jitter), on a dark noisy background."""
 
     name = "synthetic"
+    geometry = {"image_size": 16, "channels": 1, "num_classes": 4}
 
     def __init__(self, num_samples: int = 256, num_val: int = 64, **kwargs):
-        kwargs.setdefault("num_classes", 4)
         kwargs["cache_dir"] = None  # generated in a blink: never cached
         super().__init__(**kwargs)
         self.num_samples, self.num_val = num_samples, num_val
