@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -66,6 +67,12 @@ def tiny_cfg(tmp_path):
         return cfg
 
     return make
+
+
+def logged(run_dir: Path, key: str) -> list[str]:
+    """The values of one metric in <run>/metrics.csv, as written (strings), in step order."""
+    rows = list(csv.DictReader(open(Path(run_dir) / "metrics.csv")))
+    return [row[key] for row in rows if row.get(key)]
 
 
 def run_cli(

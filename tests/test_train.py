@@ -15,7 +15,7 @@ from genlab.sample import load_model
 from genlab.sample import main as sample_main
 from genlab.train import train
 
-from .conftest import REPO, SHARED, group_options, run_cli
+from .conftest import REPO, SHARED, group_options, logged, run_cli
 
 
 @pytest.mark.parametrize("model", group_options("model"))
@@ -50,10 +50,7 @@ def test_same_seed_same_losses(tiny_cfg, tmp_path):
         cfg = tiny_cfg("~callbacks.sample_grid", "trainer.max_steps=3")
         cfg.paths.output_dir = str(tmp_path / sub)
         train(cfg)
-        lines = open(tmp_path / sub / "metrics.csv").read().splitlines()
-        header = lines[0].split(",")
-        col = header.index("train/loss")
-        return [line.split(",")[col] for line in lines[1:] if line.split(",")[col]]
+        return logged(tmp_path / sub, "train/loss")
 
     first, second = losses("a"), losses("b")
     assert len(first) == 3 and first == second
@@ -212,9 +209,7 @@ def test_real_mnist_200_steps_loss_goes_down(tiny_cfg, tmp_path):
         "callbacks.sample_grid.num_samples=16",
     )
     summary = train(cfg)
-    lines = open(tmp_path / "run" / "metrics.csv").read().splitlines()
-    col = lines[0].split(",").index("train/loss")
-    losses = [float(v) for v in (line.split(",")[col] for line in lines[1:]) if v]
+    losses = [float(v) for v in logged(tmp_path / "run", "train/loss")]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.6 * first, (first, last)
     assert summary["metrics"]["val/loss"] < 0.2
