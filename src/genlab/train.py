@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from genlab.callbacks.checkpoint import AtomicCheckpointIO
 from genlab.utils import CONF_DIR, wandb_mode, write_summary
@@ -30,6 +31,7 @@ for pattern in (
     ".*exists and is not empty.*",
     ".*resuming from a checkpoint that ended before.*",
     ".*smaller than the logging interval.*",
+    ".*LeafSpec.*",
 ):
     warnings.filterwarnings("ignore", message=pattern)
 
@@ -81,12 +83,12 @@ def final_evaluation(cfg: DictConfig, model, datamodule) -> dict:
     images, labels = val.tensors[0][:n], val.tensors[1][:n]
     x, _ = datamodule.on_after_batch_transfer((images.to(model.device), labels), 0)
     generator = torch.Generator().manual_seed(cfg.seed)
+    chunks = tqdm(range(0, len(x), 64), desc="val/bpd", leave=False)
+    timesteps = cfg.eval.get("bpd_timesteps")
     bpd = torch.cat(
         [
-            model.bits_per_dim(
-                x[i : i + 64], generator=generator, timesteps=cfg.eval.get("bpd_timesteps")
-            )
-            for i in range(0, len(x), 64)
+            model.bits_per_dim(x[i : i + 64], generator=generator, timesteps=timesteps)
+            for i in chunks
         ]
     )
     return {
@@ -153,13 +155,14 @@ def train(cfg: DictConfig) -> dict:
                 },
             )
         raise
-    wall = time.time() - start
+    fit_end = time.time()
+    wall = fit_end - start
     if not trainer.is_global_zero:
         return summary
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics.update(final_evaluation(cfg, model, datamodule))
     steps_done = trainer.global_step - marks.get("step", 0)
-    fit_time = time.time() - marks.get("time", start)
+    fit_time = fit_end - marks.get("time", start)
     summary.update(
         {
             "status": "completed",
@@ -168,6 +171,7 @@ def train(cfg: DictConfig) -> dict:
             "global_step": trainer.global_step,
             "epochs": trainer.current_epoch,
             "wall_time_s": wall,
+            "eval_time_s": time.time() - fit_end,
             "train_images_per_s": steps_done
             * datamodule.batch_size
             * trainer.world_size
