@@ -18,6 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from genlab.callbacks.samples import class_grid
 from genlab.data.convert import save_grid, to_uint8
 
 
@@ -54,11 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = str(args.get("ckpt", "last"))
     model, cfg, step = load_model(args.run_dir, ckpt, device)
     n, seed = int(args.get("n", 64)), int(args.get("seed", 0))
-    y = None
+    y, nrow = class_grid(model, n)
     if args.get("label") is not None:
-        y = torch.full((n,), int(args.label), dtype=torch.long)
-    elif getattr(model, "num_classes", 0):
-        y = torch.arange(n) % model.num_classes
+        y, nrow = torch.full((n,), int(args.label), dtype=torch.long), None
     opts = {}
     if args.get("steps") is not None:
         opts["steps"] = int(args.steps)
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(
         args.get("out") or Path(args.run_dir) / "samples" / f"sample_{Path(ckpt).stem}_s{seed}"
     )
-    png = save_grid(images, out.with_suffix(".png"))
+    png = save_grid(images, out.with_suffix(".png"), nrow=nrow)
     info = {
         "n": n,
         "seed": seed,

@@ -15,6 +15,15 @@ from lightning.pytorch.utilities import rank_zero_only
 from genlab.data.convert import make_grid, save_grid
 
 
+def class_grid(model, n: int) -> tuple[torch.Tensor | None, int | None]:
+    """Labels (n,) cycling through the classes of a conditional model (None if unconditional)
+    and the grid width that puts one class per column (None: square grid)."""
+    k = int(getattr(model, "num_classes", 0) or 0)
+    if k <= 0:
+        return None, None
+    return torch.arange(n) % k, (k if k <= 16 else None)
+
+
 class SampleGrid(L.Callback):
     def __init__(
         self,
@@ -35,19 +44,12 @@ class SampleGrid(L.Callback):
     def _dir(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath or Path(trainer.default_root_dir) / "samples")
 
-    def _labels(self, pl_module) -> torch.Tensor | None:
-        k = int(getattr(pl_module, "num_classes", 0) or 0)
-        if k <= 0:
-            return None
-        return torch.arange(self.num_samples) % k  # one class per column
-
     @rank_zero_only
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         step = trainer.global_step
         generator = torch.Generator().manual_seed(self.seed)
-        images = pl_module.sample(self.num_samples, y=self._labels(pl_module), generator=generator)
-        k = int(getattr(pl_module, "num_classes", 0) or 0)
-        nrow = k if 0 < k <= 16 else None
+        labels, nrow = class_grid(pl_module, self.num_samples)
+        images = pl_module.sample(self.num_samples, y=labels, generator=generator)
         path = save_grid(images, self._dir(trainer) / f"step_{step:07d}.png", nrow=nrow)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
