@@ -15,7 +15,7 @@ from genlab.sample import load_model
 from genlab.sample import main as sample_main
 from genlab.train import train
 
-from .conftest import REPO, SHARED, group_options, logged, run_cli
+from .conftest import REPO, SHARED, TINY_METRICS, group_options, logged, run_cli
 
 
 @pytest.mark.parametrize("model", group_options("model"))
@@ -95,8 +95,10 @@ def test_cli_run_directory_wandb_offline_and_sample_cli(tmp_path):
             "trainer.limit_val_batches=1",
             "callbacks.sample_grid.every_n_steps=3",
             "callbacks.sample_grid.num_samples=4",
-            "eval.bpd_images=4",
-            "eval.bpd_timesteps=3",
+            *TINY_METRICS,
+            "metrics.extractors=[inception,digits]",
+            f"metrics.inception_weights={tmp_path / 'missing-inception.pth'}",
+            "model.bpd_timesteps=3",
             f"paths.log_dir={tmp_path}",
             "hydra.run.dir=" + str(tmp_path / "run"),
         ],
@@ -116,6 +118,19 @@ def test_cli_run_directory_wandb_offline_and_sample_cli(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["choices"]["model"] == "diffusion"
     assert summary["metrics"]["val/bpd"] > 0
+    # the evaluation protocol ran at the end: digit metrics computed, Inception recorded as
+    # missing (its weights file does not exist), one warning naming the file and the fix
+    assert summary["metrics"]["val/fd_digits"] >= 0 and "val/fid" not in summary["metrics"]
+    protocol = summary["evaluation"]["protocol"]
+    assert "missing-inception.pth" in protocol["not_computed"]["inception"]
+    assert protocol["extractors"]["digits"]["weights_sha256"]
+    assert protocol["num_samples"] == 16 and protocol["sampler"]["name"] == "ddim"
+    assert summary["metrics"]["val/sample_nfe"] == 50  # ddim, 50 steps, 1 network call each
+    evaluations = (run / "evaluations.jsonl").read_text().splitlines()
+    assert len(evaluations) == 1 and json.loads(evaluations[0])["step"] == 3
+    assert logged(run, "val/fd_digits")
+    log = (run / "train.log").read_text()
+    assert log.count("metrics.inception_weights=") == 1, log[-3000:]
 
     out = sample_main([f"run_dir={run}", "n=6", "steps=4", f"out={tmp_path / 'samples_out'}"])
     blob = torch.load(tmp_path / "samples_out.pt", weights_only=True)
@@ -131,6 +146,7 @@ def test_kill_9_then_resume_from_last_checkpoint(tmp_path):
         "trainer=cpu",
         "logger=none",
         "trainer.max_steps=100000",
+        "metrics=none",
         "trainer.enable_progress_bar=false",
         "~callbacks.progress_bar",
         "~callbacks.sample_grid",
@@ -184,7 +200,7 @@ def test_ddp_cpu_runs_two_processes(tmp_path):
             "~callbacks.sample_grid",
             "trainer.val_check_interval=3",
             "trainer.limit_val_batches=1",
-            "eval.bpd_images=0",
+            "metrics=none",
             f"hydra.run.dir={run}",
         ],
         cwd=REPO,
@@ -253,7 +269,7 @@ def test_cli_help_cfg_and_multirun(tmp_path):
             "~callbacks.sample_grid",
             "trainer.val_check_interval=1",
             "trainer.limit_val_batches=1",
-            "eval.bpd_images=0",
+            "metrics=none",
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=REPO,

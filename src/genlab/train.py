@@ -15,9 +15,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from genlab.callbacks.checkpoint import AtomicCheckpointIO
+from genlab.callbacks.evaluation import Evaluation
 from genlab.utils import CONF_DIR, wandb_mode, write_summary
 
 log = logging.getLogger("genlab")
@@ -74,31 +74,8 @@ def protocol(cfg: DictConfig, model, datamodule) -> dict:
     }
 
 
-def final_evaluation(cfg: DictConfig, model, datamodule) -> dict:
-    """Bits/dim of likelihood families on the first ``eval.bpd_images`` validation images."""
-    n = int(cfg.eval.get("bpd_images", 0) or 0)
-    if n <= 0 or not hasattr(model, "bits_per_dim"):
-        return {}
-    val = datamodule.load_split("val")
-    images, labels = val.tensors[0][:n], val.tensors[1][:n]
-    x, _ = datamodule.on_after_batch_transfer((images.to(model.device), labels), 0)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    chunks = tqdm(range(0, len(x), 64), desc="val/bpd", leave=False)
-    timesteps = cfg.eval.get("bpd_timesteps")
-    bpd = torch.cat(
-        [
-            model.bits_per_dim(x[i : i + 64], generator=generator, timesteps=timesteps)
-            for i in chunks
-        ]
-    )
-    return {
-        "val/bpd": bpd.mean().item(),
-        "bpd_protocol": {
-            "images": len(x),
-            "timesteps": cfg.eval.get("bpd_timesteps"),
-            "convention": "bits per dimension of 8-bit data, variational bound",
-        },
-    }
+def evaluation_callback(trainer: L.Trainer) -> Evaluation | None:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, Evaluation)), None)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -160,18 +137,24 @@ def train(cfg: DictConfig) -> dict:
     if not trainer.is_global_zero:
         return summary
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    metrics.update(final_evaluation(cfg, model, datamodule))
+    evaluation = evaluation_callback(trainer)
+    result = evaluation.latest if evaluation is not None else None
+    if result is not None:
+        metrics.update(result["metrics"])
+    eval_time = evaluation.time_s if evaluation is not None else 0.0
     steps_done = trainer.global_step - marks.get("step", 0)
-    fit_time = fit_end - marks.get("time", start)
+    fit_time = fit_end - marks.get("time", start) - eval_time
     summary.update(
         {
             "status": "completed",
-            "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)},
-            "bpd_protocol": metrics.get("bpd_protocol"),
+            "metrics": metrics,
+            "evaluation": None
+            if result is None
+            else {"step": result["step"], "protocol": result["protocol"]},
             "global_step": trainer.global_step,
             "epochs": trainer.current_epoch,
             "wall_time_s": wall,
-            "eval_time_s": time.time() - fit_end,
+            "eval_time_s": eval_time,
             "train_images_per_s": steps_done
             * datamodule.batch_size
             * trainer.world_size

@@ -1,6 +1,7 @@
 """Lightning callbacks that reach a family only through its public contract."""
 
 from genlab.callbacks.checkpoint import AtomicCheckpointIO, LastCheckpoint, atomic_torch_save
+from genlab.callbacks.evaluation import Evaluation
 from genlab.callbacks.samples import SampleGrid
 
-__all__ = ["SampleGrid", "AtomicCheckpointIO", "LastCheckpoint", "atomic_torch_save"]
+__all__ = ["Evaluation", "SampleGrid", "AtomicCheckpointIO", "LastCheckpoint", "atomic_torch_save"]

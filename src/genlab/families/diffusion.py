@@ -178,6 +178,16 @@ class DiffusionModule(L.LightningModule):
         self.train(was_training)
         return torch.cat(out).clamp(-1, 1)
 
+    def bpd_protocol(self) -> dict:
+        """How ``bits_per_dim`` estimates the bound (recorded with every val/bpd)."""
+        k = min(int(self.bpd_timesteps), self.schedule.num_timesteps)
+        exact = k >= self.schedule.num_timesteps
+        return {
+            "estimator": "exact variational bound" if exact else "stratified variational bound",
+            "timesteps": k,
+            "variance": self.variance,
+        }
+
     @torch.no_grad()
     def bits_per_dim(
         self,

@@ -1,5 +1,13 @@
-"""Metrics and feature extractors. So far: the offline digit classifier (``digits``)."""
+"""Evaluation protocol: FID / KID / IS / precision-recall (torch-fidelity), CLIP score
+(open_clip), bits/dim, sampling cost; feature extractors (Inception, the digit classifier)."""
 
+from genlab.metrics.common import WeightsNotFoundError
 from genlab.metrics.digits import DigitNet, load_digit_classifier
+from genlab.metrics.evaluator import Evaluator
 
-__all__ = ["DigitNet", "load_digit_classifier"]
+__all__ = [
+    "DigitNet",
+    "Evaluator",
+    "WeightsNotFoundError",
+    "load_digit_classifier",
+]

@@ -1,0 +1,522 @@
+"""The evaluation protocol: one ``Evaluator`` used by the training callback and by
+``python -m genlab.evaluate``, for every family, through the family contract only
+(``sample(n, y, generator)``, ``bits_per_dim(x)``, optionally ``sampling_net(use_ema)``).
+
+- Sample quality: FID, KID, Inception Score and precision/recall computed by torch-fidelity's
+  own functions on features of uint8 images held in memory (never PNG files). Generated images
+  are sampled in chunks with a fixed seed and turned into features as they come, so memory is
+  bounded by the features, not the images.
+- Reference statistics (features and FID mean/covariance of the real split) are computed once
+  and cached on disk under ``<cache_dir>/reference``, keyed by dataset, split, resolution, the
+  dataset's file fingerprint, the number of images, the extractor and the sha256 of its
+  weights; a second evaluation costs only the generated side.
+- Likelihood: ``val/bpd`` on the first ``bpd_images`` validation images, in the convention of
+  ``genlab.metrics.likelihood``.
+- Cost: ``val/sample_img_per_s`` (sampling only, feature extraction excluded) and
+  ``val/sample_nfe`` (network rows evaluated per image, counted by a forward hook).
+
+Every result comes with the protocol that produced it (``protocol`` in the returned dict).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch_fidelity
+from torch_fidelity.defaults import DEFAULTS
+from torch_fidelity.metric_fid import (
+    KEY_METRIC_FID,
+    fid_features_to_statistics,
+    fid_statistics_to_metric,
+)
+from torch_fidelity.metric_isc import (
+    KEY_METRIC_ISC_MEAN,
+    KEY_METRIC_ISC_STD,
+    isc_features_to_metric,
+)
+from torch_fidelity.metric_kid import (
+    KEY_METRIC_KID_MEAN,
+    KEY_METRIC_KID_STD,
+    kid_features_to_metric,
+)
+from torch_fidelity.metric_prc import (
+    KEY_METRIC_PRECISION,
+    KEY_METRIC_RECALL,
+    prc_features_to_metric,
+)
+from tqdm.auto import tqdm
+
+from genlab.data.convert import to_model, to_uint8
+from genlab.metrics.common import WeightsNotFoundError
+from genlab.metrics.extractors import Extractor, build_extractor, to_rgb_uint8
+from genlab.metrics.likelihood import CONVENTION
+
+log = logging.getLogger("genlab")
+
+METRICS = ("fid", "kid", "is", "pr", "bpd", "cost", "clip")
+FIDELITY = ("fid", "kid", "is", "pr")
+# torch-fidelity result key -> metric name, per extractor (digit numbers get their own names)
+NAMES = {
+    "inception": {
+        KEY_METRIC_FID: "fid",
+        KEY_METRIC_KID_MEAN: "kid_mean",
+        KEY_METRIC_KID_STD: "kid_std",
+        KEY_METRIC_ISC_MEAN: "is_mean",
+        KEY_METRIC_ISC_STD: "is_std",
+        KEY_METRIC_PRECISION: "precision",
+        KEY_METRIC_RECALL: "recall",
+    },
+    "digits": {
+        KEY_METRIC_FID: "fd_digits",
+        KEY_METRIC_KID_MEAN: "kid_digits_mean",
+        KEY_METRIC_KID_STD: "kid_digits_std",
+        KEY_METRIC_ISC_MEAN: "is_digits",
+        KEY_METRIC_ISC_STD: "is_digits_std",
+        KEY_METRIC_PRECISION: "precision_digits",
+        KEY_METRIC_RECALL: "recall_digits",
+    },
+}
+FIDELITY_SEED = DEFAULTS["rng_seed"]  # torch-fidelity's seed for IS shuffling and KID subsets
+
+
+@contextmanager
+def count_rows(module: torch.nn.Module | None) -> Iterator[list[int]]:
+    """Counts the batch rows ``module`` processes (forward hook): rows / images = NFE per image."""
+    total = [0]
+    if module is None:
+        yield total
+        return
+
+    def hook(_module, args, _output):
+        if args and torch.is_tensor(args[0]):
+            total[0] += int(args[0].shape[0])
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield total
+    finally:
+        handle.remove()
+
+
+def sampling_protocol(model) -> dict | None:
+    """How the family samples: ``model.sampling_protocol()`` if it has one, else the name and
+    keyword arguments of a partial ``model.sampler`` (e.g. ddim, steps=50, eta=0.0)."""
+    if hasattr(model, "sampling_protocol"):
+        return model.sampling_protocol()
+    sampler = getattr(model, "sampler", None)
+    if isinstance(sampler, partial):
+        keywords = {k: v for k, v in sampler.keywords.items() if isinstance(v, int | float | str)}
+        return {"name": sampler.func.__name__, **keywords}
+    if callable(sampler):
+        return {"name": getattr(sampler, "__name__", type(sampler).__name__)}
+    return None
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class Evaluator:
+    """Args:
+    metrics: any of fid, kid, is, pr (sample quality), bpd (likelihood families), cost
+        (sampling speed), clip (CLIP score of the samples against ``clip.prompts``).
+    extractors: ``inception`` and/or ``digits`` (the latter only on ``digit_datasets``).
+    num_samples: generated images per evaluation.
+    sample_batch_size: images per ``sample()`` call. batch_size: images per extractor call.
+    reference_split / reference_samples: the real images the samples are compared with; a
+        fixed random subset (seed 0) when the split is larger, all of it when null.
+    kid_subset_size / kid_subsets / isc_splits / prc_neighborhood: torch-fidelity's settings
+        (the subset size is capped by the number of images; the protocol records it).
+    bpd_images / bpd_batch_size: validation images for bits/dim and their batch size.
+    seed: seeds the generated side (same noise at every evaluation).
+    use_ema: sample with EMA weights where the family has them.
+    inception_weights / digits_weights: local weight files (None: default location).
+    cache_dir: where reference statistics are cached (None: not cached on disk).
+    clip: {model, pretrained, prompts} for the ``clip`` metric.
+    on_missing_weights: ``warn`` (training: go on, record it) or ``raise`` (evaluate CLI).
+    """
+
+    def __init__(
+        self,
+        metrics: Iterable[str] = ("fid", "kid", "is", "pr", "bpd", "cost"),
+        extractors: Iterable[str] = ("inception", "digits"),
+        num_samples: int = 5000,
+        sample_batch_size: int = 250,
+        batch_size: int = 64,
+        reference_split: str = "train",
+        reference_samples: int | None = 10000,
+        kid_subset_size: int = 1000,
+        kid_subsets: int = 100,
+        isc_splits: int = 10,
+        prc_neighborhood: int = 3,
+        bpd_images: int = 1000,
+        bpd_batch_size: int = 64,
+        seed: int = 0,
+        use_ema: bool = True,
+        inception_weights: str | None = None,
+        digits_weights: str | None = None,
+        digit_datasets: Iterable[str] = ("mnist",),
+        cache_dir: str | None = None,
+        clip: dict | None = None,
+        on_missing_weights: str = "warn",
+        progress: bool = True,
+    ):
+        unknown = set(metrics) - set(METRICS)
+        if unknown:
+            raise ValueError(f"unknown metrics {sorted(unknown)}: choose from {list(METRICS)}")
+        if on_missing_weights not in ("warn", "raise"):
+            raise ValueError("on_missing_weights must be warn or raise")
+        self.metrics = list(metrics)
+        self.extractor_keys = list(extractors)
+        self.num_samples = int(num_samples)
+        self.sample_batch_size = int(sample_batch_size)
+        self.batch_size = int(batch_size)
+        self.reference_split = reference_split
+        self.reference_samples = reference_samples
+        self.kid_subset_size, self.kid_subsets = int(kid_subset_size), int(kid_subsets)
+        self.isc_splits, self.prc_neighborhood = int(isc_splits), int(prc_neighborhood)
+        self.bpd_images, self.bpd_batch_size = int(bpd_images), int(bpd_batch_size)
+        self.seed, self.use_ema = int(seed), bool(use_ema)
+        self.weights = {"inception": inception_weights, "digits": digits_weights}
+        self.digit_datasets = set(digit_datasets)
+        self.cache_dir = Path(os.path.expanduser(cache_dir)) if cache_dir else None
+        self.clip_cfg = dict(clip or {})
+        self.on_missing_weights = on_missing_weights
+        self.progress = progress
+        self.extractors: list[Extractor] | None = None
+        self.not_computed: dict[str, str] = {}
+        self.counters = {"reference_computed": 0, "reference_loaded": 0, "reference_reused": 0}
+        self._references: dict[str, dict] = {}
+        self._clip = None
+
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> Evaluator:
+        """From a ``metrics`` config node (extra keys such as ``every_n_steps`` are ignored)."""
+        params = inspect.signature(cls).parameters
+        kwargs = {k: v for k, v in dict(cfg).items() if k in params}
+        kwargs.update(overrides)
+        for key in ("metrics", "extractors", "digit_datasets"):
+            if key in kwargs and kwargs[key] is not None:
+                kwargs[key] = list(kwargs[key])
+        if kwargs.get("clip") is not None:
+            kwargs["clip"] = dict(kwargs["clip"])
+        return cls(**kwargs)
+
+    # ------------------------------------------------------------------ extractors
+    def _missing(self, what: str, err: Exception) -> None:
+        if self.on_missing_weights == "raise":
+            raise err
+        self.not_computed[what] = str(err)
+        log.warning("%s -- %s metrics are not computed for this run", err, what)
+
+    def setup(self, dataset: str, device: torch.device | str = "cpu") -> list[Extractor]:
+        """Build the extractors once (on ``device``); missing weights warn or raise."""
+        if self.extractors is not None:
+            for ext in self.extractors:
+                ext.module.to(device)
+            return self.extractors
+        self.extractors = []
+        if not any(m in FIDELITY for m in self.metrics):
+            return self.extractors
+        for key in self.extractor_keys:
+            if key == "digits" and dataset not in self.digit_datasets:
+                self.not_computed["digits"] = f"{dataset} is not a digit dataset"
+                continue
+            try:
+                self.extractors.append(build_extractor(key, self.weights.get(key), device))
+            except WeightsNotFoundError as err:
+                self._missing(key, err)
+        return self.extractors
+
+    # ------------------------------------------------------------------ features
+    @torch.no_grad()
+    def features(self, ext: Extractor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 (N, C, H, W) -> {layer: (N, D) float32 on the CPU}."""
+        device = next(iter(ext.module.buffers()), torch.empty(0)).device
+        chunks = [
+            ext.module.convert_features_tuple_to_dict(
+                ext.module(to_rgb_uint8(images[i : i + self.batch_size]).to(device))
+            )
+            for i in range(0, len(images), self.batch_size)
+        ]
+        return {k: torch.cat([c[k].cpu() for c in chunks]) for k in chunks[0]}
+
+    def _reference_images(self, datamodule) -> tuple[torch.Tensor, str]:
+        images = datamodule.load_split(self.reference_split).tensors[0]
+        n = self.reference_samples
+        if n is None or n >= len(images):
+            return images, "all"
+        idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n]
+        return images[idx.sort().values], f"fixed random subset of {len(images)} (seed 0)"
+
+    def reference(self, ext: Extractor, datamodule) -> dict:
+        """Features and FID statistics of the reference split, from memory, disk, or computed."""
+        split = self.reference_split
+        fields = {
+            "data": datamodule.cache_fields(split),
+            "reference_samples": self.reference_samples,
+            "extractor": ext.module.get_name(),
+            "weights_sha256": ext.weights_sha256,
+            "layers": sorted(set(ext.layers.values())),
+            "version": 1,
+        }
+        key = hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+        if key in self._references:
+            self.counters["reference_reused"] += 1
+            return self._references[key]
+        shape = "x".join(str(s) for s in datamodule.image_shape)
+        n_tag = "all" if self.reference_samples is None else str(self.reference_samples)
+        name = f"{datamodule.name}-{split}-{shape}-{ext.key}-n{n_tag}-{key[:12]}.pt"
+        path = self.cache_dir / "reference" / name if self.cache_dir else None
+        if path is not None and path.exists():
+            ref = torch.load(path, map_location="cpu", weights_only=True)
+            self.counters["reference_loaded"] += 1
+        else:
+            images, subset = self._reference_images(datamodule)
+            if self.progress:
+                log.info("reference features: %d %s images (%s)", len(images), split, ext.key)
+            feats = self.features(ext, images)
+            stats = fid_features_to_statistics(feats[ext.layers["fid"]])
+            ref = {
+                "features": feats,
+                "mu": torch.from_numpy(stats["mu"]),
+                "sigma": torch.from_numpy(stats["sigma"]),
+                "num_images": len(images),
+                "subset": subset,
+            }
+            self.counters["reference_computed"] += 1
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                torch.save(ref, tmp)
+                os.replace(tmp, path)
+        ref["cache_file"] = str(path) if path else None
+        self._references[key] = ref
+        return ref
+
+    # ------------------------------------------------------------------ metric math
+    def fidelity(self, ext: Extractor, gen: dict[str, torch.Tensor], ref: dict) -> dict:
+        """torch-fidelity's FID / KID / IS / PR on generated features vs the reference."""
+        out: dict[str, float] = {}
+        layers, real = ext.layers, ref["features"]
+        n_gen = len(next(iter(gen.values())))
+        if "fid" in self.metrics:
+            stats_gen = fid_features_to_statistics(gen[layers["fid"]])
+            stats_ref = {"mu": ref["mu"].numpy(), "sigma": ref["sigma"].numpy()}
+            out.update(fid_statistics_to_metric(stats_gen, stats_ref, verbose=False))
+        if "kid" in self.metrics:
+            out.update(
+                kid_features_to_metric(
+                    gen[layers["kid"]],
+                    real[layers["kid"]],
+                    kid_subsets=self.kid_subsets,
+                    kid_subset_size=self.kid_size(n_gen, ref["num_images"]),
+                    rng_seed=FIDELITY_SEED,
+                    verbose=False,
+                )
+            )
+        if "is" in self.metrics:
+            out.update(
+                isc_features_to_metric(gen[layers["isc"]], self.isc_splits, True, FIDELITY_SEED)
+            )
+        if "pr" in self.metrics:
+            out.update(
+                prc_features_to_metric(
+                    gen[layers["prc"]],
+                    real[layers["prc"]],
+                    prc_neighborhood=self.prc_neighborhood,
+                    save_cpu_ram=False,
+                    verbose=False,
+                )
+            )
+        return {NAMES[ext.key][k]: float(v) for k, v in out.items() if k in NAMES[ext.key]}
+
+    def kid_size(self, n_gen: int, n_ref: int) -> int:
+        return min(self.kid_subset_size, n_gen, n_ref)
+
+    # ------------------------------------------------------------------ the generated side
+    def _sample_chunks(self, model, n: int, stats: dict) -> Iterator[torch.Tensor]:
+        """uint8 chunks of n samples (fixed seed, balanced labels); times sampling only."""
+        generator = torch.Generator().manual_seed(self.seed)
+        k = int(getattr(model, "num_classes", 0) or 0)
+        labels = torch.arange(n) % k if k > 0 else None
+        opts = {"use_ema": self.use_ema} if _accepts(model.sample, "use_ema") else {}
+        net = model.sampling_net(self.use_ema) if hasattr(model, "sampling_net") else None
+        bar = tqdm(total=n, desc="eval: sampling", leave=False, disable=not self.progress)
+        with count_rows(net) as rows:
+            for start in range(0, n, self.sample_batch_size):
+                m = min(self.sample_batch_size, n - start)
+                y = None if labels is None else labels[start : start + m]
+                t0 = time.perf_counter()
+                images = model.sample(m, y=y, generator=generator, **opts)
+                if images.is_cuda:
+                    torch.cuda.synchronize(images.device)
+                stats["sample_s"] += time.perf_counter() - t0
+                bar.update(m)
+                yield to_uint8(images).cpu()
+        bar.close()
+        stats["nfe"] = rows[0] / n if net is not None else None
+
+    def _consume(self, chunks: Iterable[torch.Tensor], exts: list[Extractor]) -> dict:
+        feats: dict[str, list[dict]] = {ext.key: [] for ext in exts}
+        clip_scores = []
+        count = 0
+        for images in chunks:
+            for ext in exts:
+                feats[ext.key].append(self.features(ext, images))
+            if self._clip is not None:
+                clip_scores.append(self._clip_pairs(images, count))
+            count += len(images)
+        merged = {
+            key: {layer: torch.cat([c[layer] for c in parts]) for layer in parts[0]}
+            for key, parts in feats.items()
+            if parts
+        }
+        return {"features": merged, "clip": torch.cat(clip_scores) if clip_scores else None}
+
+    # ------------------------------------------------------------------ CLIP score
+    def _setup_clip(self, device) -> None:
+        if "clip" not in self.metrics or self._clip is not None or "clip" in self.not_computed:
+            return
+        if not self.clip_cfg.get("prompts"):
+            self.not_computed["clip"] = "no prompts (metrics.clip.prompts)"
+            return
+        from genlab.metrics.clip import CLIPScore
+
+        try:
+            self._clip = CLIPScore(
+                model=self.clip_cfg.get("model", "ViT-B-32"),
+                pretrained=self.clip_cfg.get("pretrained", "openai"),
+                device=device,
+            )
+        except WeightsNotFoundError as err:
+            self._missing("clip", err)
+
+    def _clip_pairs(self, images: torch.Tensor, offset: int) -> torch.Tensor:
+        prompts = list(self.clip_cfg["prompts"])
+        pair = [prompts[(offset + i) % len(prompts)] for i in range(len(images))]
+        with torch.no_grad():
+            return self._clip.score_pairs(to_model(images).to(self._clip.device), pair).cpu()
+
+    # ------------------------------------------------------------------ entry points
+    def _fidelity_results(self, exts, consumed, datamodule) -> tuple[dict, dict]:
+        metrics, ext_protocol = {}, {}
+        for ext in exts:
+            ref = self.reference(ext, datamodule)
+            metrics.update(self.fidelity(ext, consumed["features"][ext.key], ref))
+            ext_protocol[ext.key] = {
+                **ext.protocol(),
+                "reference_images": ref["num_images"],
+                "reference_subset": ref["subset"],
+                "reference_cache": ref["cache_file"],
+            }
+        if consumed["clip"] is not None:
+            metrics["clip_score"] = consumed["clip"].mean().item()
+        return metrics, ext_protocol
+
+    def base_protocol(self, datamodule, n: int) -> dict:
+        return {
+            "num_samples": n,
+            "seed": self.seed,
+            "reference": {"dataset": datamodule.name, "split": self.reference_split},
+            "kid": {
+                "subset_size": self.kid_size(n, self.reference_samples or n),
+                "subsets": self.kid_subsets,
+            },
+            "is_splits": self.isc_splits,
+            "pr_neighborhood": self.prc_neighborhood,
+            "torch_fidelity": torch_fidelity.__version__,
+        }
+
+    def evaluate_model(self, model, datamodule, n: int | None = None) -> dict:
+        """Sample n images from ``model`` and compute the configured metrics.
+        Returns {"metrics": {"val/<name>": float}, "protocol": {...}, "time_s": float}."""
+        start = time.perf_counter()
+        n = int(n or self.num_samples)
+        device = model.device
+        exts = self.setup(datamodule.name, device)
+        self._setup_clip(device)
+        metrics: dict[str, float] = {}
+        protocol = self.base_protocol(datamodule, n)
+        protocol.update(
+            sampler=sampling_protocol(model),
+            weights="ema" if (self.use_ema and getattr(model, "ema", None) is not None) else "raw",
+            labels=f"balanced over {model.num_classes} classes"
+            if getattr(model, "num_classes", 0)
+            else None,
+        )
+        wants_samples = exts or self._clip is not None or "cost" in self.metrics
+        if wants_samples:
+            stats = {"sample_s": 0.0, "nfe": None}
+            consumed = self._consume(self._sample_chunks(model, n, stats), exts)
+            fid_metrics, protocol["extractors"] = self._fidelity_results(exts, consumed, datamodule)
+            metrics.update(fid_metrics)
+            if "cost" in self.metrics:
+                metrics["sample_img_per_s"] = n / max(stats["sample_s"], 1e-9)
+                if stats["nfe"] is not None:
+                    metrics["sample_nfe"] = stats["nfe"]
+                protocol["cost"] = {"device": str(device), "batch": self.sample_batch_size}
+        if "bpd" in self.metrics and hasattr(model, "bits_per_dim"):
+            metrics["bpd"], protocol["bpd"] = self.bits_per_dim(model, datamodule)
+        if self._clip is not None:
+            protocol["clip"] = {**self._clip.protocol(), "prompts": list(self.clip_cfg["prompts"])}
+        protocol["not_computed"] = dict(self.not_computed)
+        return {
+            "metrics": {f"val/{k}": v for k, v in metrics.items()},
+            "protocol": protocol,
+            "time_s": time.perf_counter() - start,
+        }
+
+    def evaluate_images(self, images: torch.Tensor, datamodule, device="cpu") -> dict:
+        """Metrics of given uint8 images (N, C, H, W) (samples from any tool) vs the dataset."""
+        start = time.perf_counter()
+        exts = self.setup(datamodule.name, device)
+        self._setup_clip(device)
+        chunks = (
+            images[i : i + self.sample_batch_size]
+            for i in range(0, len(images), self.sample_batch_size)
+        )
+        consumed = self._consume(chunks, exts)
+        protocol = self.base_protocol(datamodule, len(images))
+        metrics, protocol["extractors"] = self._fidelity_results(exts, consumed, datamodule)
+        protocol["not_computed"] = dict(self.not_computed)
+        return {
+            "metrics": {f"val/{k}": v for k, v in metrics.items()},
+            "protocol": protocol,
+            "time_s": time.perf_counter() - start,
+        }
+
+    @torch.no_grad()
+    def bits_per_dim(self, model, datamodule) -> tuple[float, dict]:
+        """Mean bits/dim of the first ``bpd_images`` validation images."""
+        val = datamodule.load_split("val")
+        images = val.tensors[0][: self.bpd_images]
+        x = to_model(images).to(model.device)
+        generator = torch.Generator().manual_seed(self.seed)
+        kwargs = {"generator": generator} if _accepts(model.bits_per_dim, "generator") else {}
+        starts = range(0, len(x), self.bpd_batch_size)
+        bar = tqdm(starts, desc="eval: bits/dim", leave=False, disable=not self.progress)
+        bpd = torch.cat(
+            [model.bits_per_dim(x[i : i + self.bpd_batch_size], **kwargs).cpu() for i in bar]
+        )
+        protocol = {"images": len(x), "split": "val", "convention": CONVENTION}
+        if hasattr(model, "bpd_protocol"):
+            protocol.update(model.bpd_protocol())
+        value = bpd.mean().item()
+        if not math.isfinite(value):
+            log.warning("bits/dim is not finite (%s)", value)
+        return value, protocol

@@ -1,0 +1,192 @@
+"""Feature extractors for FID / IS / KID / precision-recall, as torch-fidelity feature
+extractors (so torch-fidelity's own metric code runs on their features).
+
+- ``inception``: torch-fidelity's ``inception-v3-compat``, the TF-Inception port that papers'
+  FID numbers come from. Its weights file is looked up (``path``, then the torch hub cache) and
+  downloaded as torch-fidelity does when online; otherwise ``WeightsNotFoundError`` names the
+  file, its URL and ``metrics.inception_weights=<path>``.
+- ``digits``: ``genlab-digits``, the small MNIST classifier shipped in ``metrics/weights``: a
+  128-d penultimate layer for Frechet distance / KID / precision-recall and 10 logits for a
+  classifier Inception Score. Offline and fast on a CPU; its numbers are not comparable with
+  Inception FID and are logged under their own names (``val/fd_digits``, ``val/is_digits``).
+
+Both take uint8 (B, 3, H, W) images, as torch-fidelity's extractors do; grey images are
+repeated to RGB before they get here (``to_rgb_uint8``).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch_fidelity
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import (
+    URL_INCEPTION_V3,
+    FeatureExtractorInceptionV3,
+)
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+from genlab.metrics.common import WeightsNotFoundError, sha256_file
+from genlab.metrics.digits import WEIGHTS as DIGIT_WEIGHTS
+from genlab.metrics.digits import load_digit_classifier
+
+INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]
+DOWNLOAD_TIMEOUT_S = 30
+
+
+def to_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) with C in {1, 3} -> uint8 (B, 3, H, W)."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"feature extractors take uint8 images, got {images.dtype}")
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+# ------------------------------------------------------------------ the digit classifier
+class DigitFeatureExtractor(FeatureExtractorBase):
+    """torch-fidelity wrapper of ``DigitNet``: features ``"128"`` (penultimate, after ReLU)
+    and ``"logits"`` (10 classes). Input uint8 (B, 3, H, W); it is averaged to grey, mapped to
+    [-1, 1] and resized to 28x28 (bilinear, antialiased) inside ``DigitNet``."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list)
+        self.net = load_digit_classifier(feature_extractor_weights_path)
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def get_provided_features_list():
+        return "128", "logits"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": "logits", "fid": "128", "kid": "128", "prc": "128"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 28, 28, dtype=torch.uint8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected uint8 (B, 3, H, W) images, got {x.dtype} {tuple(x.shape)}")
+        grey = x.float().mean(1, keepdim=True).div_(127.5).sub_(1.0)
+        feats = self.net.features(grey)
+        out = {"128": feats, "logits": self.net.head(feats)}
+        return tuple(out[name].float() for name in self.features_list)
+
+
+if "genlab-digits" not in FEATURE_EXTRACTORS_REGISTRY:
+    torch_fidelity.register_feature_extractor("genlab-digits", DigitFeatureExtractor)
+
+
+# ------------------------------------------------------------------ Inception weights
+def inception_weights_path(path: str | Path | None = None, download: bool = True) -> Path:
+    """The Inception-v3 weights file torch-fidelity uses: ``path`` if given, else the torch hub
+    cache (``$TORCH_HOME/hub/checkpoints``), downloaded there when missing and online."""
+    if path:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise WeightsNotFoundError(
+                f"Inception weights not found at {path}: download {URL_INCEPTION_V3} and set "
+                f"metrics.inception_weights=<path to the file>"
+            )
+        return path
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if cached.is_file():
+        return cached
+    reason = "downloads disabled"
+    if download:
+        reason = _download(URL_INCEPTION_V3, cached)
+        if reason is None:
+            return cached
+    raise WeightsNotFoundError(
+        f"Inception weights {INCEPTION_FILE} not found in {cached.parent} and not downloadable "
+        f"({reason}): download {URL_INCEPTION_V3} and put it there, or set "
+        f"metrics.inception_weights=<path to the file>"
+    )
+
+
+@lru_cache(maxsize=8)
+def _download(url: str, target: Path) -> str | None:
+    """Download url to target (atomically, via torch.hub); None on success, else the reason.
+    Failures are remembered for the process so an offline run tries once."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        torch.hub.download_url_to_file(url, str(target), progress=True)
+        return None
+    except Exception as err:  # no network, proxy, HTTP error: all mean "provide the file"
+        return f"{type(err).__name__}: {err}".splitlines()[0][:200]
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+# ------------------------------------------------------------------ what the evaluator uses
+@dataclass
+class Extractor:
+    """A ready feature extractor and what the protocol records about it."""
+
+    key: str  # "inception" | "digits": selects metric names
+    module: FeatureExtractorBase
+    weights_path: str
+    weights_sha256: str
+    resize: str
+    layers: dict[str, str] = field(default_factory=dict)  # metric -> feature layer
+
+    def protocol(self) -> dict:
+        return {
+            "name": self.module.get_name(),
+            "weights": self.weights_path,
+            "weights_sha256": self.weights_sha256,
+            "resize": self.resize,
+            "layers": dict(self.layers),
+        }
+
+
+def _layers(cls) -> dict[str, str]:
+    return {m: cls.get_default_feature_layer_for_metric(m) for m in ("fid", "kid", "isc", "prc")}
+
+
+@lru_cache(maxsize=4)
+def _file_hash(path: str, mtime: float) -> str:
+    return sha256_file(path)
+
+
+def build_extractor(
+    key: str, weights: str | Path | None = None, device: str | torch.device = "cpu"
+) -> Extractor:
+    """``inception`` or ``digits``, in eval mode on ``device``. Raises WeightsNotFoundError."""
+    if key == "inception":
+        path = inception_weights_path(weights)
+        cls, name, resize = (
+            FeatureExtractorInceptionV3,
+            "inception-v3-compat",
+            "torch-fidelity TF1-compatible bilinear resize of uint8 images to 299x299",
+        )
+    elif key == "digits":
+        path = Path(weights or DIGIT_WEIGHTS)
+        if not path.is_file():
+            raise WeightsNotFoundError(
+                f"digit classifier weights not found at {path}: train them with "
+                f"`python -m genlab.metrics.train_digits data_dir=<dir with MNIST/raw>`"
+            )
+        cls, name, resize = (
+            DigitFeatureExtractor,
+            "genlab-digits",
+            "grey average, bilinear antialiased resize to 28x28",
+        )
+    else:
+        raise ValueError(f"unknown feature extractor {key!r}: use inception or digits")
+    layers = _layers(cls)
+    module = cls(name, sorted(set(layers.values())), feature_extractor_weights_path=str(path))
+    module = module.to(device).eval().requires_grad_(False)
+    sha = _file_hash(str(path.resolve()), path.stat().st_mtime)
+    return Extractor(key, module, str(path), sha, resize, layers)
