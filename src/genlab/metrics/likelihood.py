@@ -59,8 +59,10 @@ def categorical_bits_per_dim(logits: torch.Tensor, x: torch.Tensor) -> torch.Ten
     if x.is_floating_point():
         x = ((x.clamp(-1, 1) + 1) * 127.5).round()
     target = x.long()
-    nll = F.cross_entropy(logits.float(), target, reduction="none")  # (B, C, H, W) nats
-    return nats_to_bits_per_dim(nll.flatten(1).sum(1), target[0].numel())
+    # float64 accumulation: sums over thousands of dimensions stay exact to float32 precision
+    nll = F.cross_entropy(logits.double(), target, reduction="none")  # (B, C, H, W) nats
+    bpd = nats_to_bits_per_dim(nll.flatten(1).sum(1), target[0].numel())
+    return bpd.to(logits.dtype if logits.is_floating_point() else torch.float32)
 
 
 def importance_weighted_bound(log_weights: torch.Tensor) -> torch.Tensor:
