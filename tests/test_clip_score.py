@@ -241,3 +241,23 @@ def test_builtin_tag_path_with_a_fake_tag(tiny_dir, monkeypatch):
     rand = CLIPScore(model="genlab-tiny", pretrained=None, allow_random=True)
     assert rand.info["pretrained"] is None and rand.info["weights_file"] is None
     assert rand.info["weights_sha256"] == sha256_state(rand.model)
+
+
+def test_evaluator_logs_clip_score_of_samples(tiny_dir):
+    """``metrics=[clip]`` in the evaluation protocol: prompts cycled over the images."""
+    from genlab.metrics import Evaluator
+
+    from .test_metrics import ArrayData
+
+    u8 = ((images(6, c=1, h=28, w=28) + 1) * 127.5).round().to(torch.uint8)
+    ev = Evaluator(
+        metrics=["clip"],
+        clip={"model": f"local-dir:{tiny_dir}", "prompts": PROMPTS[:2]},
+        progress=False,
+    )
+    result = ev.evaluate_images(u8, ArrayData(u8))
+    scorer = CLIPScore(model=f"local-dir:{tiny_dir}")
+    expected = scorer.score_pairs(to_model(u8), [PROMPTS[i % 2] for i in range(6)]).mean()
+    assert result["metrics"]["val/clip_score"] == pytest.approx(expected.item(), rel=1e-5)
+    assert result["protocol"]["clip"]["prompts"] == PROMPTS[:2]
+    assert result["protocol"]["clip"]["clamp"] == "per pair"

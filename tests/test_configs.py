@@ -71,6 +71,21 @@ def test_callbacks_options_instantiate(option, tmp_path):
         )
 
 
+@pytest.mark.parametrize("option", group_options("metrics"))
+def test_metrics_options_instantiate(option, tmp_path):
+    from genlab.callbacks import Evaluation
+
+    cfg = compose_cfg([f"metrics={option}"], tmp_path)
+    node = cfg.callbacks.evaluation
+    if option == "none":
+        assert "_target_" not in node  # no evaluation callback
+        return
+    callback = instantiate(node)
+    assert isinstance(callback, Evaluation)
+    assert callback.evaluator.num_samples == cfg.metrics.num_samples > 0
+    assert callback.evaluator.cache_dir is not None
+
+
 @pytest.mark.parametrize("option", group_options("logger"))
 def test_logger_options_instantiate(option, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")

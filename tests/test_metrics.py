@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch_fidelity
 from torch.utils.data import Dataset, TensorDataset
-from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 
 from genlab.data import MNISTDataModule
@@ -20,7 +19,11 @@ from genlab.evaluate import load_images
 from genlab.evaluate import main as evaluate_main
 from genlab.metrics import Evaluator, WeightsNotFoundError
 from genlab.metrics import extractors as extractors_module
-from genlab.metrics.extractors import build_extractor, inception_weights_path
+from genlab.metrics.extractors import (
+    build_extractor,
+    inception_weights_path,
+    save_random_inception,
+)
 from genlab.metrics.likelihood import (
     bits_per_dim_to_nats,
     categorical_bits_per_dim,
@@ -72,34 +75,9 @@ def image_sets(n: int, size: int = 32, channels: int = 3) -> tuple[torch.Tensor,
 
 
 @pytest.fixture(scope="module")
-def random_inception(tmp_path_factory, monkeypatch_module):
-    """A randomly initialised Inception-v3 saved to a file, re-initialised so that activations
-    neither vanish nor explode through its depth (He-normal convolutions, identity BatchNorm):
-    with PyTorch's default init every image would get almost the same features."""
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    with monkeypatch_module.context() as m:  # build the architecture without any weights file
-        m.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, **k: None)
-        m.setattr(
-            "torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url",
-            lambda *a, **k: {},
-        )
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    g = torch.Generator().manual_seed(0)
-    for module in net.modules():
-        if isinstance(module, BasicConv2d):
-            fan_in = module.conv.weight[0].numel()
-            module.conv.weight.data = torch.randn(
-                module.conv.weight.shape, generator=g
-            ) * math.sqrt(2.0 / fan_in)
-    net.fc.weight.data = torch.randn(net.fc.weight.shape, generator=g) / math.sqrt(2048)
-    torch.save(net.state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as m:
-        yield m
+def random_inception(tmp_path_factory):
+    """A randomly initialised, re-initialised (non-degenerate) Inception-v3 saved to a file."""
+    return save_random_inception(tmp_path_factory.mktemp("inception") / "random-inception.pth")
 
 
 def tf_metrics(gen, ref, extractor: str, weights: str, kid_subset_size: int, splits: int) -> dict:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from genlab.evaluate import main as evaluate_main
 from genlab.sample import load_model
 from genlab.sample import main as sample_main
 from genlab.train import train
@@ -131,6 +132,17 @@ def test_cli_run_directory_wandb_offline_and_sample_cli(tmp_path):
     assert logged(run, "val/fd_digits")
     log = (run / "train.log").read_text()
     assert log.count("metrics.inception_weights=") == 1, log[-3000:]
+
+    # evaluating the finished run: the missing Inception file is an error here, not a warning;
+    # with the digit extractor alone the result is appended to summary.json
+    with pytest.raises(SystemExit, match="missing-inception.pth"):
+        evaluate_main([f"run_dir={run}", "n=8", "device=cpu"])
+    evaluate_main([f"run_dir={run}", "n=8", "steps=2", "extractors=[digits]", "device=cpu"])
+    evaluations = json.loads((run / "summary.json").read_text())["evaluations"]
+    assert len(evaluations) == 1 and evaluations[0]["step"] == 3
+    assert evaluations[0]["protocol"]["sampler"]["steps"] == 2
+    assert evaluations[0]["metrics"]["val/sample_nfe"] == 2
+    assert evaluations[0]["protocol"]["num_samples"] == 8
 
     out = sample_main([f"run_dir={run}", "n=6", "steps=4", f"out={tmp_path / 'samples_out'}"])
     blob = torch.load(tmp_path / "samples_out.pt", weights_only=True)

@@ -428,6 +428,11 @@ class Evaluator:
             metrics["clip_score"] = consumed["clip"].mean().item()
         return metrics, ext_protocol
 
+    def _annotate(self, protocol: dict) -> None:
+        if self._clip is not None:
+            protocol["clip"] = {**self._clip.protocol(), "prompts": list(self.clip_cfg["prompts"])}
+        protocol["not_computed"] = dict(self.not_computed)
+
     def base_protocol(self, datamodule, n: int) -> dict:
         return {
             "num_samples": n,
@@ -472,9 +477,7 @@ class Evaluator:
                 protocol["cost"] = {"device": str(device), "batch": self.sample_batch_size}
         if "bpd" in self.metrics and hasattr(model, "bits_per_dim"):
             metrics["bpd"], protocol["bpd"] = self.bits_per_dim(model, datamodule)
-        if self._clip is not None:
-            protocol["clip"] = {**self._clip.protocol(), "prompts": list(self.clip_cfg["prompts"])}
-        protocol["not_computed"] = dict(self.not_computed)
+        self._annotate(protocol)
         return {
             "metrics": {f"val/{k}": v for k, v in metrics.items()},
             "protocol": protocol,
@@ -493,7 +496,7 @@ class Evaluator:
         consumed = self._consume(chunks, exts)
         protocol = self.base_protocol(datamodule, len(images))
         metrics, protocol["extractors"] = self._fidelity_results(exts, consumed, datamodule)
-        protocol["not_computed"] = dict(self.not_computed)
+        self._annotate(protocol)
         return {
             "metrics": {f"val/{k}": v for k, v in metrics.items()},
             "protocol": protocol,

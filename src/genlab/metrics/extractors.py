@@ -16,6 +16,7 @@ repeated to RGB before they get here (``to_rgb_uint8``).
 
 from __future__ import annotations
 
+import math
 import socket
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -26,6 +27,7 @@ import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import (
     URL_INCEPTION_V3,
+    BasicConv2d,
     FeatureExtractorInceptionV3,
 )
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
@@ -111,6 +113,33 @@ def inception_weights_path(path: str | Path | None = None, download: bool = True
         f"({reason}): download {URL_INCEPTION_V3} and put it there, or set "
         f"metrics.inception_weights=<path to the file>"
     )
+
+
+def save_random_inception(path: str | Path, seed: int = 0) -> Path:
+    """Write a randomly initialised ``inception-v3-compat`` state dict to ``path``: the real
+    architecture and cost with meaningless features, for offline tests and benchmarks.
+
+    PyTorch's default initialisation shrinks activations layer after layer, so through
+    Inception's depth every image would get nearly the same features (and FID ~ 0 for any
+    inputs). Convolutions are re-drawn He-normal (std sqrt(2 / fan_in)) with identity
+    BatchNorm, which keeps activations at scale and features distinct per image."""
+
+    class _Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):  # architecture only, nothing to load
+            return None
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({}, path)  # the constructor insists on reading a file
+    net = _Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    g = torch.Generator().manual_seed(seed)
+    for module in net.modules():
+        if isinstance(module, BasicConv2d):
+            w = module.conv.weight
+            w.data = torch.randn(w.shape, generator=g) * math.sqrt(2.0 / w[0].numel())
+    net.fc.weight.data = torch.randn(net.fc.weight.shape, generator=g) / math.sqrt(2048)
+    torch.save(net.state_dict(), path)
+    return path
 
 
 @lru_cache(maxsize=8)
