@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch_fidelity
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 
 from genlab.data import MNISTDataModule
@@ -19,6 +19,7 @@ from genlab.evaluate import load_images
 from genlab.evaluate import main as evaluate_main
 from genlab.metrics import Evaluator, WeightsNotFoundError
 from genlab.metrics import extractors as extractors_module
+from genlab.metrics.evaluator import TensorReference
 from genlab.metrics.extractors import (
     build_extractor,
     inception_weights_path,
@@ -35,20 +36,8 @@ from genlab.metrics.likelihood import (
 from .conftest import SHARED
 
 
-class ArrayData:
-    """The part of the DataModule contract the evaluator uses, over fixed uint8 images."""
-
-    name = "arrays"
-
-    def __init__(self, images: torch.Tensor, tag: str = "a"):
-        self.images, self.tag = images, tag
-        self.image_shape = tuple(images.shape[1:])
-
-    def load_split(self, split):
-        return TensorDataset(self.images, torch.zeros(len(self.images), dtype=torch.long))
-
-    def cache_fields(self, split):
-        return {"split": split, "tag": self.tag, "n": len(self.images)}
+def ArrayData(images: torch.Tensor, tag: str = "a") -> TensorReference:
+    return TensorReference(images, name="arrays", tag=tag)
 
 
 class Uint8Set(Dataset):

@@ -34,6 +34,12 @@ def test_every_model_preset_trains_and_samples(model, tiny_cfg):
     on_disk = json.load(open(os.path.join(run, "summary.json")))
     assert on_disk["metrics"]["train/loss"] > 0 and "val/loss" in on_disk["metrics"]
     assert on_disk["protocol"]["weights"] in ("ema", "raw")
+    # every family goes through the evaluation protocol at the end of training
+    metrics = on_disk["metrics"]
+    assert metrics["val/fd_digits"] >= 0 and 1 <= metrics["val/is_digits"] <= 10
+    assert metrics["val/sample_img_per_s"] > 0 and metrics["val/sample_nfe"] >= 1
+    assert on_disk["evaluation"]["step"] == 4
+    assert on_disk["evaluation"]["protocol"]["num_samples"] == 16
 
     module, _, step = load_model(run, "last")
     assert step == 4
@@ -44,6 +50,18 @@ def test_every_model_preset_trains_and_samples(model, tiny_cfg):
     assert torch.isfinite(images).all() and images.min() >= -1 and images.max() <= 1
     again = module.sample(3, y=y, generator=torch.Generator().manual_seed(0))
     assert torch.equal(images, again), "same seed, same samples"
+
+
+def test_periodic_evaluation_reuses_the_reference(tiny_cfg):
+    cfg = tiny_cfg("metrics.every_n_steps=2", "~callbacks.sample_grid")
+    train(cfg)
+    run = cfg.paths.output_dir
+    lines = [json.loads(x) for x in open(os.path.join(run, "evaluations.jsonl"))]
+    assert [x["step"] for x in lines] == [2, 4]
+    assert all(x["protocol"]["extractors"]["digits"]["reference_images"] == 32 for x in lines)
+    assert logged(run, "val/fd_digits") and len(logged(run, "val/bpd")) == 2
+    cache = os.path.join(cfg.paths.cache_dir, "metrics", "reference")
+    assert len(os.listdir(cache)) == 1  # one reference file, computed once
 
 
 def test_same_seed_same_losses(tiny_cfg, tmp_path):

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch_fidelity
+from torch.utils.data import TensorDataset
 from torch_fidelity.defaults import DEFAULTS
 from torch_fidelity.metric_fid import (
     KEY_METRIC_FID,
@@ -88,6 +89,26 @@ NAMES = {
     },
 }
 FIDELITY_SEED = DEFAULTS["rng_seed"]  # torch-fidelity's seed for IS shuffling and KID subsets
+
+
+class TensorReference:
+    """Fixed uint8 images (N, C, H, W) as the reference "dataset" (the part of the DataModule
+    contract the evaluator uses: ``name``, ``image_shape``, ``load_split``, ``cache_fields``).
+    ``tag`` names the set in the cache key; the same tag must mean the same images."""
+
+    def __init__(self, images: torch.Tensor, name: str = "tensor", tag: str = ""):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(
+                f"expected uint8 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)}"
+            )
+        self.images, self.name, self.tag = images, name, tag
+        self.image_shape = tuple(images.shape[1:])
+
+    def load_split(self, split: str) -> TensorDataset:
+        return TensorDataset(self.images, torch.zeros(len(self.images), dtype=torch.long))
+
+    def cache_fields(self, split: str) -> dict:
+        return {"name": self.name, "tag": self.tag, "n": len(self.images), "split": split}
 
 
 @contextmanager
