@@ -37,8 +37,9 @@ import torch_fidelity
 from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from genlab.metrics.evaluator import Evaluator, TensorReference
+from genlab.metrics.evaluator import Evaluator
 from genlab.metrics.extractors import build_extractor, save_random_inception
+from genlab.metrics.fidelity import TensorReference
 
 REPO = Path(__file__).resolve().parents[1]
 

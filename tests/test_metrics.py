@@ -19,12 +19,12 @@ from genlab.evaluate import load_images
 from genlab.evaluate import main as evaluate_main
 from genlab.metrics import Evaluator, WeightsNotFoundError
 from genlab.metrics import extractors as extractors_module
-from genlab.metrics.evaluator import TensorReference
 from genlab.metrics.extractors import (
     build_extractor,
     inception_weights_path,
     save_random_inception,
 )
+from genlab.metrics.fidelity import TensorReference
 from genlab.metrics.likelihood import (
     bits_per_dim_to_nats,
     categorical_bits_per_dim,

@@ -4,10 +4,12 @@
 from genlab.metrics.common import WeightsNotFoundError
 from genlab.metrics.digits import DigitNet, load_digit_classifier
 from genlab.metrics.evaluator import Evaluator
+from genlab.metrics.fidelity import TensorReference
 
 __all__ = [
     "DigitNet",
     "Evaluator",
+    "TensorReference",
     "WeightsNotFoundError",
     "load_digit_classifier",
 ]

@@ -28,127 +28,24 @@ import math
 import os
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch_fidelity
-from torch.utils.data import TensorDataset
-from torch_fidelity.defaults import DEFAULTS
-from torch_fidelity.metric_fid import (
-    KEY_METRIC_FID,
-    fid_features_to_statistics,
-    fid_statistics_to_metric,
-)
-from torch_fidelity.metric_isc import (
-    KEY_METRIC_ISC_MEAN,
-    KEY_METRIC_ISC_STD,
-    isc_features_to_metric,
-)
-from torch_fidelity.metric_kid import (
-    KEY_METRIC_KID_MEAN,
-    KEY_METRIC_KID_STD,
-    kid_features_to_metric,
-)
-from torch_fidelity.metric_prc import (
-    KEY_METRIC_PRECISION,
-    KEY_METRIC_RECALL,
-    prc_features_to_metric,
-)
+from torch_fidelity.metric_fid import fid_features_to_statistics
 from tqdm.auto import tqdm
 
 from genlab.data.convert import to_model, to_uint8
 from genlab.metrics.common import WeightsNotFoundError
 from genlab.metrics.extractors import Extractor, build_extractor, to_rgb_uint8
+from genlab.metrics.fidelity import fidelity_metrics
 from genlab.metrics.likelihood import CONVENTION
+from genlab.metrics.protocol import accepts, count_rows, sampling_protocol
 
 log = logging.getLogger("genlab")
 
 METRICS = ("fid", "kid", "is", "pr", "bpd", "cost", "clip")
 FIDELITY = ("fid", "kid", "is", "pr")
-# torch-fidelity result key -> metric name, per extractor (digit numbers get their own names)
-NAMES = {
-    "inception": {
-        KEY_METRIC_FID: "fid",
-        KEY_METRIC_KID_MEAN: "kid_mean",
-        KEY_METRIC_KID_STD: "kid_std",
-        KEY_METRIC_ISC_MEAN: "is_mean",
-        KEY_METRIC_ISC_STD: "is_std",
-        KEY_METRIC_PRECISION: "precision",
-        KEY_METRIC_RECALL: "recall",
-    },
-    "digits": {
-        KEY_METRIC_FID: "fd_digits",
-        KEY_METRIC_KID_MEAN: "kid_digits_mean",
-        KEY_METRIC_KID_STD: "kid_digits_std",
-        KEY_METRIC_ISC_MEAN: "is_digits",
-        KEY_METRIC_ISC_STD: "is_digits_std",
-        KEY_METRIC_PRECISION: "precision_digits",
-        KEY_METRIC_RECALL: "recall_digits",
-    },
-}
-FIDELITY_SEED = DEFAULTS["rng_seed"]  # torch-fidelity's seed for IS shuffling and KID subsets
-
-
-class TensorReference:
-    """Fixed uint8 images (N, C, H, W) as the reference "dataset" (the part of the DataModule
-    contract the evaluator uses: ``name``, ``image_shape``, ``load_split``, ``cache_fields``).
-    ``tag`` names the set in the cache key; the same tag must mean the same images."""
-
-    def __init__(self, images: torch.Tensor, name: str = "tensor", tag: str = ""):
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(
-                f"expected uint8 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)}"
-            )
-        self.images, self.name, self.tag = images, name, tag
-        self.image_shape = tuple(images.shape[1:])
-
-    def load_split(self, split: str) -> TensorDataset:
-        return TensorDataset(self.images, torch.zeros(len(self.images), dtype=torch.long))
-
-    def cache_fields(self, split: str) -> dict:
-        return {"name": self.name, "tag": self.tag, "n": len(self.images), "split": split}
-
-
-@contextmanager
-def count_rows(module: torch.nn.Module | None) -> Iterator[list[int]]:
-    """Counts the batch rows ``module`` processes (forward hook): rows / images = NFE per image."""
-    total = [0]
-    if module is None:
-        yield total
-        return
-
-    def hook(_module, args, _output):
-        if args and torch.is_tensor(args[0]):
-            total[0] += int(args[0].shape[0])
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield total
-    finally:
-        handle.remove()
-
-
-def sampling_protocol(model) -> dict | None:
-    """How the family samples: ``model.sampling_protocol()`` if it has one, else the name and
-    keyword arguments of a partial ``model.sampler`` (e.g. ddim, steps=50, eta=0.0)."""
-    if hasattr(model, "sampling_protocol"):
-        return model.sampling_protocol()
-    sampler = getattr(model, "sampler", None)
-    if isinstance(sampler, partial):
-        keywords = {k: v for k, v in sampler.keywords.items() if isinstance(v, int | float | str)}
-        return {"name": sampler.func.__name__, **keywords}
-    if callable(sampler):
-        return {"name": getattr(sampler, "__name__", type(sampler).__name__)}
-    return None
-
-
-def _accepts(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class Evaluator:
@@ -332,39 +229,18 @@ class Evaluator:
     # ------------------------------------------------------------------ metric math
     def fidelity(self, ext: Extractor, gen: dict[str, torch.Tensor], ref: dict) -> dict:
         """torch-fidelity's FID / KID / IS / PR on generated features vs the reference."""
-        out: dict[str, float] = {}
-        layers, real = ext.layers, ref["features"]
         n_gen = len(next(iter(gen.values())))
-        if "fid" in self.metrics:
-            stats_gen = fid_features_to_statistics(gen[layers["fid"]])
-            stats_ref = {"mu": ref["mu"].numpy(), "sigma": ref["sigma"].numpy()}
-            out.update(fid_statistics_to_metric(stats_gen, stats_ref, verbose=False))
-        if "kid" in self.metrics:
-            out.update(
-                kid_features_to_metric(
-                    gen[layers["kid"]],
-                    real[layers["kid"]],
-                    kid_subsets=self.kid_subsets,
-                    kid_subset_size=self.kid_size(n_gen, ref["num_images"]),
-                    rng_seed=FIDELITY_SEED,
-                    verbose=False,
-                )
-            )
-        if "is" in self.metrics:
-            out.update(
-                isc_features_to_metric(gen[layers["isc"]], self.isc_splits, True, FIDELITY_SEED)
-            )
-        if "pr" in self.metrics:
-            out.update(
-                prc_features_to_metric(
-                    gen[layers["prc"]],
-                    real[layers["prc"]],
-                    prc_neighborhood=self.prc_neighborhood,
-                    save_cpu_ram=False,
-                    verbose=False,
-                )
-            )
-        return {NAMES[ext.key][k]: float(v) for k, v in out.items() if k in NAMES[ext.key]}
+        return fidelity_metrics(
+            ext.key,
+            ext.layers,
+            gen,
+            ref,
+            metrics=self.metrics,
+            kid_subsets=self.kid_subsets,
+            kid_subset_size=self.kid_size(n_gen, ref["num_images"]),
+            isc_splits=self.isc_splits,
+            prc_neighborhood=self.prc_neighborhood,
+        )
 
     def kid_size(self, n_gen: int, n_ref: int) -> int:
         return min(self.kid_subset_size, n_gen, n_ref)
@@ -375,7 +251,7 @@ class Evaluator:
         generator = torch.Generator().manual_seed(self.seed)
         k = int(getattr(model, "num_classes", 0) or 0)
         labels = torch.arange(n) % k if k > 0 else None
-        opts = {"use_ema": self.use_ema} if _accepts(model.sample, "use_ema") else {}
+        opts = {"use_ema": self.use_ema} if accepts(model.sample, "use_ema") else {}
         net = model.sampling_net(self.use_ema) if hasattr(model, "sampling_net") else None
         bar = tqdm(total=n, desc="eval: sampling", leave=False, disable=not self.progress)
         with count_rows(net) as rows:
@@ -531,7 +407,7 @@ class Evaluator:
         images = val.tensors[0][: self.bpd_images]
         x = to_model(images).to(model.device)
         generator = torch.Generator().manual_seed(self.seed)
-        kwargs = {"generator": generator} if _accepts(model.bits_per_dim, "generator") else {}
+        kwargs = {"generator": generator} if accepts(model.bits_per_dim, "generator") else {}
         starts = range(0, len(x), self.bpd_batch_size)
         bar = tqdm(starts, desc="eval: bits/dim", leave=False, disable=not self.progress)
         bpd = torch.cat(
