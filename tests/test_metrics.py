@@ -162,7 +162,9 @@ def test_self_fid_is_zero_and_the_reference_cache_is_hit(tmp_path, monkeypatch):
     calls = []
     original = Evaluator.features
     monkeypatch.setattr(
-        Evaluator, "features", lambda self, ext, x: calls.append(len(x)) or original(self, ext, x)
+        Evaluator,
+        "features",
+        lambda self, ext, x, **kw: calls.append(len(x)) or original(self, ext, x, **kw),
     )
     result = second.evaluate_images(other, data)
     assert second.counters == {

@@ -162,14 +162,19 @@ class Evaluator:
 
     # ------------------------------------------------------------------ features
     @torch.no_grad()
-    def features(self, ext: Extractor, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """uint8 (N, C, H, W) -> {layer: (N, D) float32 on the CPU}."""
+    def features(
+        self, ext: Extractor, images: torch.Tensor, desc: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """uint8 (N, C, H, W) -> {layer: (N, D) float32 on the CPU}; a progress bar if desc."""
         device = next(iter(ext.module.buffers()), torch.empty(0)).device
+        starts = range(0, len(images), self.batch_size)
+        if desc is not None:
+            starts = tqdm(starts, desc=desc, leave=False, disable=not self.progress)
         chunks = [
             ext.module.convert_features_tuple_to_dict(
                 ext.module(to_rgb_uint8(images[i : i + self.batch_size]).to(device))
             )
-            for i in range(0, len(images), self.batch_size)
+            for i in starts
         ]
         return {k: torch.cat([c[k].cpu() for c in chunks]) for k in chunks[0]}
 
@@ -207,7 +212,7 @@ class Evaluator:
             images, subset = self._reference_images(datamodule)
             if self.progress:
                 log.info("reference features: %d %s images (%s)", len(images), split, ext.key)
-            feats = self.features(ext, images)
+            feats = self.features(ext, images, desc=f"eval: reference features ({ext.key})")
             stats = fid_features_to_statistics(feats[ext.layers["fid"]])
             ref = {
                 "features": feats,
