@@ -23,9 +23,12 @@ from genlab.utils import CONF_DIR, wandb_mode, write_summary
 log = logging.getLogger("genlab")
 
 # Lightning warnings that do not apply here: in-memory tensors need no workers; the EMA copy
-# is in eval mode on purpose; the CSV log shares the run directory with Hydra's files; and
-# mid-epoch resumes are exact because the training sampler skips already-seen batches.
+# is in eval mode on purpose; the CSV log shares the run directory with Hydra's files;
+# mid-epoch resumes are exact because the training sampler skips already-seen batches; GANs
+# have no validation step, and their checkpoints hold the state after the step on purpose.
 for pattern in (
+    ".*have no `validation_step`.*",
+    ".*manual optimization and every_n_train_steps.*",
     ".*does not have many workers.*",
     ".*module\\(s\\) in eval mode.*",
     ".*exists and is not empty.*",
@@ -94,8 +97,13 @@ def train(cfg: DictConfig) -> dict:
     mark = L.pytorch.callbacks.LambdaCallback(
         on_train_start=lambda tr, pl: marks.update(step=tr.global_step, time=time.time())
     )
+    clip = cfg.trainer.get("gradient_clip_val")
+    if not model.automatic_optimization:  # Lightning cannot clip for manual optimisation:
+        model.gradient_clip_val = clip  # the family clips with the same setting itself
+        clip = None
     trainer: L.Trainer = instantiate(
         cfg.trainer,
+        gradient_clip_val=clip,
         callbacks=[*build_callbacks(cfg), mark],
         logger=build_loggers(cfg, run_dir),
         plugins=[AtomicCheckpointIO()],

@@ -60,7 +60,12 @@ class SampleGrid(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+        if (
+            self.every_n_steps > 0
+            and step > 0
+            and step % self.every_n_steps == 0
+            and step != self._last_step
+        ):
             self.write(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):

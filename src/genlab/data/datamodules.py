@@ -182,7 +182,12 @@ class ImageDataModule(L.LightningDataModule):
             per_epoch = (
                 len(data) // self.batch_size if drop_last else -(-len(data) // self.batch_size)
             )
-            done = (trainer.global_step * trainer.accumulate_grad_batches) % per_epoch
+            # batches per global step: gradient accumulation, or a family taking several
+            # batches per step (a GAN's n_critic discriminator batches per generator step)
+            per_step = trainer.accumulate_grad_batches * getattr(
+                trainer.lightning_module, "batches_per_step", 1
+            )
+            done = (trainer.global_step * per_step) % per_epoch
             sampler.skip = done * self.batch_size
         return DataLoader(
             data,

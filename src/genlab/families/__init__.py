@@ -3,5 +3,6 @@
 likelihood families add ``bits_per_dim(x) -> (B,)``."""
 
 from genlab.families.diffusion import DiffusionModule
+from genlab.families.gan import GANModule
 
-__all__ = ["DiffusionModule"]
+__all__ = ["DiffusionModule", "GANModule"]

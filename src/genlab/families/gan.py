@@ -1,0 +1,251 @@
+"""GANs as one LightningModule with manual optimisation of generator and discriminator.
+
+Objectives (``loss``):
+- ``bce``: non-saturating cross-entropy (Goodfellow et al. 2014, Sec. 3; DCGAN, Radford et al.
+  2016): D minimises softplus(-D(x)) + softplus(D(G(z))), G minimises softplus(-D(G(z))).
+- ``wgan-gp``: Wasserstein critic with gradient penalty (Gulrajani et al. 2017, Alg. 1):
+  D minimises D(G(z)) - D(x) + lambda (||grad D(x_hat)|| - 1)^2 on random interpolates x_hat.
+- ``hinge``: hinge loss (Lim & Ye 2017; with spectral normalisation, Miyato et al. 2018):
+  D minimises relu(1 - D(x)) + relu(1 + D(G(z))), G minimises -D(G(z)).
+An optional R1 penalty (Mescheder et al. 2018, Eq. 9) adds gamma/2 E||grad D(x)||^2 on reals.
+
+Each training batch is one discriminator step; every ``n_critic``-th batch also takes a
+generator step, so ``global_step`` (and ``trainer.max_steps``) counts generator steps, as GAN
+papers do. Class-conditional training uses the batch labels (conditional batch norm in G,
+projection in D). An EMA copy of G samples and is evaluated; ``diffaugment`` augments what D
+sees (Zhao et al. 2020). A NaN or Inf loss raises ``DivergenceError`` (the run stops; the last
+checkpoint is kept).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genlab.families.common import check_finite, count_parameters, rng_state, set_rng_state
+from genlab.nets.augment import diff_augment
+from genlab.nets.ema import EMA
+
+LOSSES = ("bce", "wgan-gp", "hinge")
+
+
+def gradient_penalty(
+    discriminator: Callable, real: torch.Tensor, fake: torch.Tensor, y=None, eps=None
+) -> torch.Tensor:
+    """E[(||grad_x_hat D(x_hat)||_2 - 1)^2], x_hat = eps x + (1 - eps) x_fake, eps ~ U[0, 1]
+    per sample (Gulrajani et al. 2017, Alg. 1, lines 6-7)."""
+    if eps is None:
+        eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
+    x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(discriminator(x_hat, y).sum(), x_hat, create_graph=True)
+    return (grad.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
+
+
+def r1_penalty(discriminator: Callable, real: torch.Tensor, y=None) -> torch.Tensor:
+    """E[||grad_x D(x)||^2] on real data (Mescheder et al. 2018)."""
+    real = real.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(discriminator(real, y).sum(), real, create_graph=True)
+    return grad.flatten(1).pow(2).sum(1).mean()
+
+
+class GANModule(L.LightningModule):
+    """Args:
+    generator: ``G(z, y) -> (B, C, H, W)`` in [-1, 1] with attribute ``z_dim``.
+    discriminator: ``D(x, y) -> (B,)`` logits / critic values.
+    image_shape: (C, H, W). loss: bce | wgan-gp | hinge. n_critic: D steps per G step.
+    gp_weight: lambda of the gradient penalty (wgan-gp). r1_gamma: R1 weight (0: off).
+    g_optimizer / d_optimizer: partial optimizers, called with the parameters.
+    ema_decay: EMA of G for sampling and evaluation (0: off). num_classes: > 0 conditional.
+    diffaugment: DiffAugment policy, e.g. "color,translation,cutout" (None: off).
+    truncation: default truncation of z at sampling (None: off). sample_batch_size.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        image_shape: Sequence[int] = (1, 28, 28),
+        loss: str = "bce",
+        n_critic: int = 1,
+        gp_weight: float = 10.0,
+        r1_gamma: float = 0.0,
+        g_optimizer: Callable | None = None,
+        d_optimizer: Callable | None = None,
+        ema_decay: float = 0.999,
+        num_classes: int = 0,
+        diffaugment: str | None = None,
+        truncation: float | None = None,
+        sample_batch_size: int = 256,
+    ):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        self.automatic_optimization = False
+        self.generator, self.discriminator = generator, discriminator
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.loss, self.n_critic = loss, int(n_critic)
+        self.gp_weight, self.r1_gamma = float(gp_weight), float(r1_gamma)
+        adam = lambda params: torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999))
+        self.g_optimizer_fn = g_optimizer or adam
+        self.d_optimizer_fn = d_optimizer or adam
+        self.ema = EMA(generator, ema_decay) if ema_decay > 0 else None
+        self.num_classes = int(num_classes)
+        self.diffaugment = diffaugment
+        self.truncation = truncation
+        self.sample_batch_size = sample_batch_size
+        self.z_dim = int(generator.z_dim)
+        self.gradient_clip_val: float | None = None  # set by train() from trainer config
+        self.batches_per_step = self.n_critic  # data batches per global step (resume)
+        self.d_steps = 0
+        self._pending_rng: dict | None = None
+
+    # ------------------------------------------------------------------ losses
+    def _d(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self.discriminator(diff_augment(x, self.diffaugment), y)
+
+    def d_loss(self, real, y_real, fake, y_fake) -> tuple[torch.Tensor, dict]:
+        d_real, d_fake = self._d(real, y_real), self._d(fake, y_fake)
+        if self.loss == "bce":
+            loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+        elif self.loss == "hinge":
+            loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+        else:
+            loss = d_fake.mean() - d_real.mean()
+        stats = {"d_real": d_real.mean().detach(), "d_fake": d_fake.mean().detach()}
+        if self.loss == "wgan-gp":
+            gp = gradient_penalty(self._d, real, fake, y_real if self.num_classes else None)
+            loss, stats["gp"] = loss + self.gp_weight * gp, gp.detach()
+        if self.r1_gamma > 0:
+            r1 = r1_penalty(self._d, real, y_real)
+            loss, stats["r1"] = loss + 0.5 * self.r1_gamma * r1, r1.detach()
+        return loss, stats
+
+    def g_loss(self, fake, y_fake) -> torch.Tensor:
+        d_fake = self._d(fake, y_fake)
+        return F.softplus(-d_fake).mean() if self.loss == "bce" else -d_fake.mean()
+
+    # ------------------------------------------------------------------ training
+    def _noise(self, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z = torch.randn(b, self.z_dim, device=self.device)
+        y = (
+            torch.randint(0, self.num_classes, (b,), device=self.device)
+            if self.num_classes
+            else None
+        )
+        return z, y
+
+    def _clip(self, opt) -> None:
+        if self.gradient_clip_val:
+            self.clip_gradients(opt, self.gradient_clip_val, gradient_clip_algorithm="norm")
+
+    def training_step(self, batch, batch_idx):
+        real, labels = batch
+        y_real = labels if self.num_classes else None
+        opt_g, opt_d = self.optimizers()
+        z, y_fake = self._noise(real.shape[0])
+        with torch.no_grad():
+            fake = self.generator(z, y_fake)
+        loss_d, stats = self.d_loss(real, y_real, fake, y_fake)
+        check_finite("train/loss_d", loss_d, self.global_step)
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(loss_d)
+        self._clip(opt_d)
+        opt_d.optimizer.step()  # the raw optimizer: global_step counts generator steps only
+        self.d_steps += 1
+        self.log("train/loss_d", loss_d, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in stats.items()})
+        if self.d_steps % self.n_critic:
+            return
+        self.discriminator.requires_grad_(False)
+        z, y_fake = self._noise(real.shape[0])
+        loss_g = self.g_loss(self.generator(z, y_fake), y_fake)
+        check_finite("train/loss_g", loss_g, self.global_step)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g)
+        self._clip(opt_g)
+        opt_g.step()
+        self.discriminator.requires_grad_(True)
+        if self.ema is not None:
+            self.ema.update(self.generator)
+        self.log("train/loss_g", loss_g, prog_bar=True)
+        self.log("train/loss", loss_g)
+
+    def configure_optimizers(self):
+        return [
+            self.g_optimizer_fn(self.generator.parameters()),
+            self.d_optimizer_fn(self.discriminator.parameters()),
+        ]
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_state"] = rng_state()
+        checkpoint["d_steps"] = self.d_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pending_rng = checkpoint.get("rng_state")
+        self.d_steps = int(checkpoint.get("d_steps", 0))
+
+    def on_train_start(self) -> None:
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+
+    # ------------------------------------------------------------------ the family contract
+    def sampling_net(self, use_ema: bool = True) -> nn.Module:
+        return self.ema.module if (use_ema and self.ema is not None) else self.generator
+
+    def sampling_protocol(self) -> dict:
+        return {"name": "generator", "truncation": self.truncation}
+
+    @property
+    def parameter_count(self) -> int:
+        return count_parameters(self.generator)
+
+    def latents(
+        self, n: int, generator: torch.Generator | None = None, truncation: float | None = None
+    ) -> torch.Tensor:
+        """z ~ N(0, I) (n, z_dim) on the CPU; with ``truncation`` t, entries with |z| > t are
+        redrawn until inside (the truncation trick, Brock et al. 2019)."""
+        z = torch.randn(n, self.z_dim, generator=generator)
+        if truncation:
+            for _ in range(1000):
+                outside = z.abs() > truncation
+                if not outside.any():
+                    break
+                z[outside] = torch.randn(int(outside.sum()), generator=generator)
+        return z
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        y: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        use_ema: bool = True,
+        truncation: float | None = None,
+        z: torch.Tensor | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """n images (n, C, H, W) in [-1, 1]. ``y`` (n,) labels for a conditional model (None:
+        uniform random labels from ``generator``); ``z`` (n, z_dim) fixes the latents."""
+        net = self.sampling_net(use_ema)
+        was_training = net.training
+        net.eval()
+        if z is None:
+            z = self.latents(
+                n, generator, truncation if truncation is not None else self.truncation
+            )
+        if self.num_classes and y is None:
+            y = torch.randint(0, self.num_classes, (n,), generator=generator)
+        out = []
+        for start in range(0, n, self.sample_batch_size):
+            zb = z[start : start + self.sample_batch_size].to(self.device)
+            yb = None if not self.num_classes else y[start : start + len(zb)].to(self.device)
+            out.append(net(zb, yb))
+        net.train(was_training)
+        return torch.cat(out).clamp(-1, 1)
