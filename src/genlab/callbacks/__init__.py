@@ -2,6 +2,14 @@
 
 from genlab.callbacks.checkpoint import AtomicCheckpointIO, LastCheckpoint, atomic_torch_save
 from genlab.callbacks.evaluation import Evaluation
+from genlab.callbacks.interpolation import LatentInterpolation
 from genlab.callbacks.samples import SampleGrid
 
-__all__ = ["Evaluation", "SampleGrid", "AtomicCheckpointIO", "LastCheckpoint", "atomic_torch_save"]
+__all__ = [
+    "Evaluation",
+    "LatentInterpolation",
+    "SampleGrid",
+    "AtomicCheckpointIO",
+    "LastCheckpoint",
+    "atomic_torch_save",
+]

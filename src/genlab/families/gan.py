@@ -100,7 +100,9 @@ class GANModule(L.LightningModule):
         self.z_dim = int(generator.z_dim)
         self.gradient_clip_val: float | None = None  # set by train() from trainer config
         self.batches_per_step = self.n_critic  # data batches per global step (resume)
-        self.d_steps = 0
+        # discriminator steps taken: decides when the generator steps; in the state dict so
+        # a resumed run keeps the D/G rhythm
+        self.register_buffer("d_steps", torch.zeros((), dtype=torch.long))
         self._pending_rng: dict | None = None
 
     # ------------------------------------------------------------------ losses
@@ -158,7 +160,7 @@ class GANModule(L.LightningModule):
         self.d_steps += 1
         self.log("train/loss_d", loss_d, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in stats.items()})
-        if self.d_steps % self.n_critic:
+        if int(self.d_steps) % self.n_critic:
             return
         self.discriminator.requires_grad_(False)
         z, y_fake = self._noise(real.shape[0])
@@ -183,11 +185,16 @@ class GANModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_state"] = rng_state()
-        checkpoint["d_steps"] = self.d_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._pending_rng = checkpoint.get("rng_state")
-        self.d_steps = int(checkpoint.get("d_steps", 0))
+
+    def on_fit_start(self) -> None:
+        if str(self.trainer.precision).startswith("16"):
+            raise ValueError(
+                "GANModule steps the discriminator's optimizer directly, which fp16 loss scaling "
+                "does not support: use trainer.precision=bf16-mixed or 32-true"
+            )
 
     def on_train_start(self) -> None:
         if self._pending_rng is not None:
