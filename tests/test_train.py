@@ -221,10 +221,14 @@ def test_kill_9_then_resume_from_last_checkpoint(tmp_path):
     assert summary["global_step"] == step + 2 and summary["resumed_from"].endswith("last.ckpt")
 
 
-def test_ddp_cpu_runs_two_processes(tmp_path):
+@pytest.mark.parametrize("model", ["diffusion", "gan"])
+def test_ddp_cpu_runs_two_processes(model, tmp_path):
+    """Two gloo processes; the GAN's manual, alternating updates need DDP's unused-parameter
+    detection, which genlab switches on for manual-optimisation families."""
     run = tmp_path / "ddp"
     run_cli(
         [
+            f"model={model}",
             "trainer=ddp_cpu",
             "data=synthetic",
             "logger=none",

@@ -97,13 +97,18 @@ def train(cfg: DictConfig) -> dict:
     mark = L.pytorch.callbacks.LambdaCallback(
         on_train_start=lambda tr, pl: marks.update(step=tr.global_step, time=time.time())
     )
-    clip = cfg.trainer.get("gradient_clip_val")
-    if not model.automatic_optimization:  # Lightning cannot clip for manual optimisation:
-        model.gradient_clip_val = clip  # the family clips with the same setting itself
-        clip = None
+    clip, strategy = cfg.trainer.get("gradient_clip_val"), cfg.trainer.get("strategy", "auto")
+    if not model.automatic_optimization:
+        # Lightning cannot clip for manual optimisation: the family clips with the setting
+        model.gradient_clip_val, clip = clip, None
+        # alternating updates (a GAN's D and G steps) leave one network without gradients in
+        # each backward pass, which DDP must be told about
+        if strategy == "ddp":
+            strategy = "ddp_find_unused_parameters_true"
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         gradient_clip_val=clip,
+        strategy=strategy,
         callbacks=[*build_callbacks(cfg), mark],
         logger=build_loggers(cfg, run_dir),
         plugins=[AtomicCheckpointIO()],
