@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from genlab.callbacks.checkpoint import AtomicCheckpointIO
 from genlab.callbacks.evaluation import Evaluation
+from genlab.metrics.protocol import sampling_protocol
 from genlab.utils import CONF_DIR, wandb_mode, write_summary
 
 log = logging.getLogger("genlab")
@@ -65,13 +66,11 @@ def build_callbacks(cfg: DictConfig) -> list:
 
 
 def protocol(cfg: DictConfig, model, datamodule) -> dict:
-    sampler = cfg.model.get("sampler") or {}
     return {
         "dataset": _choices().get("data", type(datamodule).__name__),
         "split": "val",
         "image_shape": list(model.image_shape),
-        "sampler": str(sampler.get("_target_", "")).rsplit(".", 1)[-1] or None,
-        "sampler_steps": sampler.get("steps"),
+        "sampler": sampling_protocol(model),  # the same description the evaluation records
         "weights": "ema" if getattr(model, "ema", None) is not None else "raw",
         "seed": cfg.seed,
     }

@@ -19,21 +19,20 @@ import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from genlab.callbacks.periodic import PeriodicCallback
 from genlab.metrics.evaluator import Evaluator
 
 log = logging.getLogger("genlab")
 
 
-class Evaluation(L.Callback):
+class Evaluation(PeriodicCallback):
     """Args: every_n_steps (0: only at the end), at_end, and the ``Evaluator`` arguments."""
 
     def __init__(self, every_n_steps: int = 5000, at_end: bool = True, **evaluator):
-        self.every_n_steps = int(every_n_steps or 0)
-        self.at_end = at_end
+        super().__init__(every_n_steps, at_end)
         self.evaluator = Evaluator.from_config(evaluator)
         self.latest: dict | None = None
         self.time_s = 0.0  # total time spent evaluating (excluded from training throughput)
-        self._last_step = -1
 
     @rank_zero_only
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
@@ -51,19 +50,8 @@ class Evaluation(L.Callback):
         shown = ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items())
         log.info("evaluation at step %d (%.1f s): %s", step, result["time_s"], shown)
         self.time_s += result["time_s"]
-        self.latest, self._last_step = result, step
+        self.latest = result
         return result
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if (
-            self.every_n_steps > 0
-            and step > 0
-            and step % self.every_n_steps == 0
-            and step != self._last_step
-        ):
-            self.run(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module):
-        if self.at_end and trainer.global_step != self._last_step:
-            self.run(trainer, pl_module)
+    def fire(self, trainer, pl_module):
+        self.run(trainer, pl_module)

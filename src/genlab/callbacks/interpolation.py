@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from genlab.callbacks.periodic import PeriodicCallback
 from genlab.data.convert import save_grid
 
 
@@ -24,10 +24,10 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1 - t) * omega) / so) * a[:, None] + (torch.sin(t * omega) / so) * b[:, None]
 
 
-class LatentInterpolation(L.Callback):
+class LatentInterpolation(PeriodicCallback):
     def __init__(self, every_n_steps: int = 1000, rows: int = 8, steps: int = 10, seed: int = 0):
-        self.every_n_steps, self.rows, self.steps, self.seed = every_n_steps, rows, steps, seed
-        self._last_step = -1
+        super().__init__(every_n_steps, at_end=True)
+        self.rows, self.steps, self.seed = rows, steps, seed
 
     @staticmethod
     def supported(pl_module) -> bool:
@@ -47,15 +47,7 @@ class LatentInterpolation(L.Callback):
         images = pl_module.sample(len(z), y=y, z=z)
         step = trainer.global_step
         path = Path(trainer.default_root_dir) / "samples" / f"interp_{step:07d}.png"
-        self._last_step = step
         return save_grid(images, path, nrow=self.steps)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        every = self.every_n_steps
-        if every > 0 and step > 0 and step % every == 0 and step != self._last_step:
-            self.write(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module):
-        if trainer.global_step != self._last_step:
-            self.write(trainer, pl_module)
+    def fire(self, trainer, pl_module):
+        self.write(trainer, pl_module)

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from genlab.callbacks.periodic import PeriodicCallback
 from genlab.data.convert import make_grid, save_grid
 
 
@@ -24,7 +25,7 @@ def class_grid(model, n: int) -> tuple[torch.Tensor | None, int | None]:
     return torch.arange(n) % k, (k if k <= 16 else None)
 
 
-class SampleGrid(L.Callback):
+class SampleGrid(PeriodicCallback):
     def __init__(
         self,
         every_n_steps: int = 500,
@@ -33,13 +34,11 @@ class SampleGrid(L.Callback):
         dirpath: str | None = None,
         at_end: bool = True,
     ):
-        self.every_n_steps = every_n_steps
+        super().__init__(every_n_steps, at_end)
         self.num_samples = num_samples
         self.seed = seed
         self.dirpath = dirpath
-        self.at_end = at_end
         self.last_path: Path | None = None
-        self._last_step = -1
 
     def _dir(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath or Path(trainer.default_root_dir) / "samples")
@@ -55,19 +54,8 @@ class SampleGrid(L.Callback):
             if isinstance(logger, WandbLogger):
                 grid = make_grid(images, nrow).permute(1, 2, 0).numpy()
                 logger.log_image("samples", [grid], step=step, caption=[f"step {step}"])
-        self.last_path, self._last_step = path, step
+        self.last_path = path
         return path
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if (
-            self.every_n_steps > 0
-            and step > 0
-            and step % self.every_n_steps == 0
-            and step != self._last_step
-        ):
-            self.write(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module):
-        if self.at_end and trainer.global_step != self._last_step:
-            self.write(trainer, pl_module)
+    def fire(self, trainer, pl_module):
+        self.write(trainer, pl_module)

@@ -320,8 +320,10 @@ class Evaluator:
         for ext in exts:
             ref = self.reference(ext, datamodule)
             metrics.update(self.fidelity(ext, consumed["features"][ext.key], ref))
+            n_gen = len(next(iter(consumed["features"][ext.key].values())))
             ext_protocol[ext.key] = {
                 **ext.protocol(),
+                "kid_subset_size": self.kid_size(n_gen, ref["num_images"]),
                 "reference_images": ref["num_images"],
                 "reference_subset": ref["subset"],
                 "reference_cache": ref["cache_file"],
@@ -340,10 +342,7 @@ class Evaluator:
             "num_samples": n,
             "seed": self.seed,
             "reference": {"dataset": datamodule.name, "split": self.reference_split},
-            "kid": {
-                "subset_size": self.kid_size(n, self.reference_samples or n),
-                "subsets": self.kid_subsets,
-            },
+            "kid_subsets": self.kid_subsets,  # subset size: per extractor (capped by N)
             "is_splits": self.isc_splits,
             "pr_neighborhood": self.prc_neighborhood,
             "torch_fidelity": torch_fidelity.__version__,
