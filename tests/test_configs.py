@@ -45,10 +45,15 @@ def test_model_options_instantiate_on_every_geometry(model, data, tmp_path):
     x = torch.zeros(2, *module.image_shape)
     if hasattr(module, "net"):  # diffusion: one denoiser call (sampling at 64 px is slow)
         out = module.net(x, torch.zeros(2, dtype=torch.long))
-    else:  # one-shot samplers (GANs): the family contract itself
+    elif getattr(module, "can_sample", True):  # one-shot samplers (GANs, VAEs): the contract
         y = torch.zeros(2, dtype=torch.long) if module.num_classes else None
         out = module.sample(2, y=y)
+    else:  # a VQ-VAE without a prior
+        out = module.reconstruct(x)
     assert out.shape == x.shape
+    if hasattr(module, "reconstruct"):  # encoders and decoders fit every geometry
+        y = torch.zeros(2, dtype=torch.long) if module.num_classes else None
+        assert module.reconstruct(x, y).shape == x.shape
 
 
 @pytest.mark.parametrize("option", group_options("trainer"))

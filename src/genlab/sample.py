@@ -1,12 +1,13 @@
 """Sample from a finished (or running) run:
 
     python -m genlab.sample run_dir=<run> [n=64] [ckpt=last] [seed=0] [ema=true] [steps=50]
-                            [label=3] [device=auto] [out=<path without extension>]
+                            [label=3] [mean=true] [device=auto] [out=<path without extension>]
 
 Rebuilds the model from ``<run>/.hydra/config.yaml``, loads ``<run>/checkpoints/<ckpt>.ckpt``
 (``weights_only=True``), and writes ``<out>.png`` (a grid) and ``<out>.pt`` (uint8 images
 (n, C, H, W), labels, and the settings used).
-Default ``out``: ``<run>/samples/sample_<ckpt>_s<seed>``.
+Default ``out``: ``<run>/samples/sample_<ckpt>_s<seed>``. ``mean`` (VAEs): the decoder's mean
+image (true, default) or pixels drawn from p(x | z) (false).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from omegaconf import OmegaConf
 
 from genlab.callbacks.samples import class_grid
 from genlab.data.convert import save_grid, to_uint8
+from genlab.metrics.protocol import accepts
 
 
 class UsageError(SystemExit):
@@ -47,13 +49,18 @@ def main(argv: list[str] | None = None) -> dict:
     if "run_dir" not in args:
         raise UsageError(
             "usage: python -m genlab.sample run_dir=<run> [n=64] [ckpt=last] [seed=0] "
-            "[ema=true] [steps=N] [label=K] [device=auto] [out=<path>]"
+            "[ema=true] [steps=N] [label=K] [mean=true] [device=auto] [out=<path>]"
         )
     device = args.get("device", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     ckpt = str(args.get("ckpt", "last"))
     model, cfg, step = load_model(args.run_dir, ckpt, device)
+    if not getattr(model, "can_sample", True):
+        raise UsageError(
+            f"{type(model).__name__} in {args.run_dir} cannot sample on its own (it has no "
+            "prior); its reconstructions are in <run>/samples/recon_*.png"
+        )
     n, seed = int(args.get("n", 64)), int(args.get("seed", 0))
     y, nrow = class_grid(model, n)
     if args.get("label") is not None:
@@ -63,6 +70,10 @@ def main(argv: list[str] | None = None) -> dict:
         opts["steps"] = int(args.steps)
     if args.get("ema") is not None:
         opts["use_ema"] = bool(args.ema)
+    if args.get("mean") is not None:  # VAEs: decoder mean (true) or pixels drawn (false)
+        if not accepts(model.sample, "mean"):
+            raise UsageError(f"mean= is for VAEs; {type(model).__name__} has no decoder mean")
+        opts["mean"] = bool(args.mean)
     generator = torch.Generator().manual_seed(seed)
     images = model.sample(n, y=y, generator=generator, progress=True, **opts)
     out = Path(
@@ -77,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         "labels": y,
         "use_ema": opts.get("use_ema", True),
         "steps": opts.get("steps"),
+        "mean": opts.get("mean"),
     }
     torch.save({"images": to_uint8(images).cpu(), **info}, out.with_suffix(".pt"))
     print(f"wrote {png} and {out.with_suffix('.pt')}")

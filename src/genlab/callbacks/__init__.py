@@ -2,12 +2,15 @@
 
 from genlab.callbacks.checkpoint import AtomicCheckpointIO, LastCheckpoint, atomic_torch_save
 from genlab.callbacks.evaluation import Evaluation
-from genlab.callbacks.interpolation import LatentInterpolation
+from genlab.callbacks.interpolation import LatentInterpolation, LatentTraversal
+from genlab.callbacks.reconstruction import Reconstructions
 from genlab.callbacks.samples import SampleGrid
 
 __all__ = [
     "Evaluation",
     "LatentInterpolation",
+    "LatentTraversal",
+    "Reconstructions",
     "SampleGrid",
     "AtomicCheckpointIO",
     "LastCheckpoint",

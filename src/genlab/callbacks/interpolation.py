@@ -1,4 +1,6 @@
-"""Latent interpolation grids for families with an explicit latent space (GANs, VAEs): each row
+"""Latent interpolation and traversal grids.
+
+Interpolation for families with an explicit latent space (GANs, VAEs): each row
 walks from one latent to another along the great circle (spherical interpolation, White 2016),
 so a smooth row says the generator's latent space is smooth. Written to
 ``<run>/samples/interp_XXXXXXX.png`` every ``every_n_steps`` steps and at the end; families
@@ -12,7 +14,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from genlab.callbacks.periodic import PeriodicCallback
+from genlab.callbacks.reconstruction import validation_images
 from genlab.data.convert import save_grid
+from genlab.metrics.protocol import accepts
+
+
+def mean_image(pl_module) -> dict:
+    """VAEs draw latent grids as decoder means (smooth), whatever their sample setting."""
+    return {"mean": True} if accepts(pl_module.sample, "mean") else {}
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -44,9 +53,58 @@ class LatentInterpolation(PeriodicCallback):
         y = None
         if getattr(pl_module, "num_classes", 0):  # one class per row
             y = (torch.arange(self.rows) % pl_module.num_classes).repeat_interleave(self.steps)
-        images = pl_module.sample(len(z), y=y, z=z)
+        images = pl_module.sample(len(z), y=y, z=z, **mean_image(pl_module))
         step = trainer.global_step
         path = Path(trainer.default_root_dir) / "samples" / f"interp_{step:07d}.png"
+        return save_grid(images, path, nrow=self.steps)
+
+    def fire(self, trainer, pl_module):
+        self.write(trainer, pl_module)
+
+
+class LatentTraversal(PeriodicCallback):
+    """One row per latent dimension: the latent of a validation image with that dimension set
+    to ``steps`` values in [-span, span] (Higgins et al. 2017, Fig. 7). Rows are the ``dims``
+    dimensions with the largest KL on the first validation batch when the family reports
+    ``latent_kl`` (informative dimensions first). Written to ``samples/traverse_XXXXXXX.png``;
+    needs ``encode_mean(x, y)`` and ``sample(n, y, z=...)`` (VAEs), others are skipped."""
+
+    def __init__(
+        self,
+        every_n_steps: int = 2000,
+        dims: int = 10,
+        steps: int = 9,
+        span: float = 3.0,
+        image_index: int = 0,
+    ):
+        super().__init__(every_n_steps, at_end=True)
+        self.dims, self.steps, self.span, self.image_index = dims, steps, span, image_index
+
+    @staticmethod
+    def supported(pl_module) -> bool:
+        return hasattr(pl_module, "encode_mean") and hasattr(pl_module, "sample")
+
+    @rank_zero_only
+    def write(self, trainer, pl_module) -> Path | None:
+        if not self.supported(pl_module):
+            return None
+        x, y = validation_images(trainer, pl_module, max(256, self.image_index + 1))
+        i = self.image_index
+        y0 = None if y is None else y[i : i + 1]
+        base = pl_module.encode_mean(x[i : i + 1], y0).cpu()  # (1, latent_dim)
+        if hasattr(pl_module, "latent_kl"):
+            order = pl_module.latent_kl(x, y).cpu().argsort(descending=True)
+        else:
+            order = torch.arange(base.shape[1])
+        dims = order[: self.dims]
+        values = torch.linspace(-self.span, self.span, self.steps)
+        z = base.repeat(len(dims) * self.steps, 1)
+        for row, d in enumerate(dims.tolist()):
+            z[row * self.steps : (row + 1) * self.steps, d] = values
+        labels = None if y0 is None else y0.cpu().repeat(len(z))
+        images = pl_module.sample(len(z), y=labels, z=z, **mean_image(pl_module))
+        step = trainer.global_step
+        path = Path(trainer.default_root_dir) / "samples" / f"traverse_{step:07d}.png"
         return save_grid(images, path, nrow=self.steps)
 
     def fire(self, trainer, pl_module):

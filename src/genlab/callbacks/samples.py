@@ -25,6 +25,15 @@ def class_grid(model, n: int) -> tuple[torch.Tensor | None, int | None]:
     return torch.arange(n) % k, (k if k <= 16 else None)
 
 
+def log_grid(trainer: L.Trainer, key: str, images: torch.Tensor, nrow: int | None = None) -> None:
+    """The grid of images (N, C, H, W) in [-1, 1] through every logger with an image API."""
+    step = trainer.global_step
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            grid = make_grid(images, nrow).permute(1, 2, 0).numpy()
+            logger.log_image(key, [grid], step=step, caption=[f"step {step}"])
+
+
 class SampleGrid(PeriodicCallback):
     def __init__(
         self,
@@ -50,12 +59,10 @@ class SampleGrid(PeriodicCallback):
         labels, nrow = class_grid(pl_module, self.num_samples)
         images = pl_module.sample(self.num_samples, y=labels, generator=generator)
         path = save_grid(images, self._dir(trainer) / f"step_{step:07d}.png", nrow=nrow)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                grid = make_grid(images, nrow).permute(1, 2, 0).numpy()
-                logger.log_image("samples", [grid], step=step, caption=[f"step {step}"])
+        log_grid(trainer, "samples", images, nrow)
         self.last_path = path
         return path
 
     def fire(self, trainer, pl_module):
-        self.write(trainer, pl_module)
+        if getattr(pl_module, "can_sample", True):  # a VQ-VAE without a prior cannot
+            self.write(trainer, pl_module)

@@ -25,6 +25,18 @@ from genlab.data.convert import to_model
 from genlab.data.readers import not_found
 
 SPLITS = ("train", "val")
+BINARIZE = (None, "static", "dynamic")
+BINARIZE_SEEDS = {"train": 0, "val": 1}
+
+
+def binarize(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Stochastic binarisation of uint8 images: 255 with probability k/255, else 0 (uint8).
+    With no generator it draws from the global stream on the images' device."""
+    if generator is None:
+        u = torch.rand(images.shape, device=images.device)
+    else:
+        u = torch.rand(images.shape, generator=generator).to(images.device)
+    return torch.where(u * 255 < images.float(), 255, 0).to(torch.uint8)
 
 
 class ResumableSampler(torch.utils.data.Sampler[int]):
@@ -63,6 +75,11 @@ class ImageDataModule(L.LightningDataModule):
         cache_dir: where decoded tensors are cached (None: no cache).
         download: let torchvision download missing files (needs network).
         seed: seeds the training shuffle.
+        binarize: None (8-bit grey values), ``static`` (every split binarised once: pixel k
+            becomes 255 with probability k/255, fixed seeds) or ``dynamic`` (validation and
+            reference images as for static; training batches re-binarised at every step,
+            as in Burda et al. 2016). For Bernoulli likelihoods and the classic binarised
+            MNIST tables.
     """
 
     name = "images"
@@ -82,8 +99,11 @@ class ImageDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         download: bool = True,
         seed: int = 0,
+        binarize: str | None = None,
     ):
         super().__init__()
+        if binarize not in BINARIZE:
+            raise ValueError(f"binarize must be one of {BINARIZE}, got {binarize!r}")
         image_size = self.geometry["image_size"] if image_size is None else image_size
         channels = self.geometry["channels"] if channels is None else channels
         num_classes = self.geometry["num_classes"] if num_classes is None else num_classes
@@ -100,14 +120,17 @@ class ImageDataModule(L.LightningDataModule):
         self.cache_dir = Path(os.path.expanduser(cache_dir)) if cache_dir else None
         self.download = download
         self.seed = seed
+        self.binarize = binarize
         self._splits: dict[str, TensorDataset] = {}
+        self._grey: dict[str, TensorDataset] = {}  # 8-bit splits behind binarised ones
 
     # --------------------------------------------------------------- to implement
     def read_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def cache_fields(self, split: str) -> dict:
-        return {
+        """What identifies the images served for ``split`` (keys the reference statistics)."""
+        fields = {
             "dataset": self.name,
             "split": split,
             "root": str(self.root.resolve()),
@@ -115,6 +138,9 @@ class ImageDataModule(L.LightningDataModule):
             "channels": self.channels,
             "version": 1,
         }
+        if self.binarize:
+            fields["binarize"] = f"bernoulli, seed {BINARIZE_SEEDS[split]}"
+        return fields
 
     # --------------------------------------------------------------- loading and caching
     @property
@@ -125,6 +151,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.cache_dir is None:
             return None
         fields = self.cache_fields(split)
+        fields.pop("binarize", None)  # the cache holds the 8-bit images either way
         key = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
         name = f"{self.name}-{split}-{self.channels}x{self.image_size}x{self.image_size}-{key}.pt"
         return self.cache_dir / name
@@ -149,6 +176,9 @@ class ImageDataModule(L.LightningDataModule):
                 torch.save({"images": images, "labels": labels}, tmp)
                 os.replace(tmp, path)
         self._check(images, labels, split)
+        if self.binarize:
+            self._grey[split] = TensorDataset(images, labels)
+            images = binarize(images, torch.Generator().manual_seed(BINARIZE_SEEDS[split]))
         self._splits[split] = TensorDataset(images, labels)
         return self._splits[split]
 
@@ -175,6 +205,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         data = self.load_split("train")
+        if self.binarize == "dynamic":  # 8-bit images, binarised per batch on the device
+            data = self._grey["train"]
         drop_last = len(data) >= self.batch_size
         sampler = ResumableSampler(len(data), self.seed)
         trainer = self.trainer
@@ -205,6 +237,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
+        if self.binarize == "dynamic" and self.trainer is not None and self.trainer.training:
+            images = binarize(images)
         x = to_model(images)
         if self.hflip and self.trainer is not None and self.trainer.training:
             flip = torch.rand(x.shape[0], device=x.device) < 0.5

@@ -4,5 +4,7 @@ likelihood families add ``bits_per_dim(x) -> (B,)``."""
 
 from genlab.families.diffusion import DiffusionModule
 from genlab.families.gan import GANModule
+from genlab.families.vae import VAEModule
+from genlab.families.vqvae import VQVAEModule
 
-__all__ = ["DiffusionModule", "GANModule"]
+__all__ = ["DiffusionModule", "GANModule", "VAEModule", "VQVAEModule"]

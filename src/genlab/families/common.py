@@ -9,6 +9,11 @@ class DivergenceError(FloatingPointError):
     """A loss became NaN or infinite; the run stops and its last checkpoint is kept."""
 
 
+class SamplingUnavailableError(RuntimeError):
+    """The model cannot generate images on its own (e.g. a VQ-VAE without a prior); such
+    families set ``can_sample = False`` and callbacks and the evaluator skip sampling."""
+
+
 def check_finite(name: str, value: torch.Tensor, step: int) -> None:
     if not bool(torch.isfinite(value).all()):
         raise DivergenceError(

@@ -366,6 +366,12 @@ class Evaluator:
             else None,
         )
         wants_samples = exts or self._clip is not None or "cost" in self.metrics
+        if wants_samples and not getattr(model, "can_sample", True):  # e.g. VQ-VAE, no prior
+            self.not_computed["samples"] = (
+                f"{type(model).__name__} cannot sample on its own (no prior): "
+                "no sample-quality or sampling-cost metrics"
+            )
+            wants_samples = False
         if wants_samples:
             stats = {"sample_s": 0.0, "nfe": None}
             consumed = self._consume(self._sample_chunks(model, n, stats), exts)

@@ -77,3 +77,48 @@ def continuous_to_bits_per_dim(nll_density_nats: torch.Tensor, num_dims: int) ->
     """Bits/dim bound for a density on [-1, 1]^D trained on dequantised 8-bit data:
     -log P(x) <= -log p(x) - D log(2/255) (the bin volume of the 8-bit grid)."""
     return nats_to_bits_per_dim(nll_density_nats - num_dims * math.log(2.0 / 255.0), num_dims)
+
+
+# ---------------------------------------------------------------------- decoder likelihoods
+# Probability masses on the 8-bit grid (elementwise, nats). ``x`` holds k/127.5 - 1 for k in
+# 0..255; the edge bins (k = 0 and k = 255) extend to -inf and +inf, so the 256 masses of a
+# pixel sum to one (tested).
+HALF_BIN = 1.0 / 255.0
+
+
+def discretized_logistic_nll(
+    x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor
+) -> torch.Tensor:
+    """-log P(x) under a logistic integrated over each pixel's bin (Salimans et al. 2017,
+    Eq. 2, one component; Kingma et al. 2016). Numerically stable in the tails: where the bin
+    mass underflows it falls back to the density at the bin centre times the bin width."""
+    centered = x - mean
+    inv_s = torch.exp(-log_scale)
+    plus_in = inv_s * (centered + HALF_BIN)
+    min_in = inv_s * (centered - HALF_BIN)
+    log_cdf_plus = plus_in - F.softplus(plus_in)  # log sigmoid(plus_in): the k = 0 bin
+    log_one_minus_cdf_min = -F.softplus(min_in)  # log (1 - sigmoid(min_in)): the k = 255 bin
+    cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
+    mid_in = inv_s * centered
+    log_pdf_mid = mid_in - log_scale - 2.0 * F.softplus(mid_in)  # log density at the centre
+    log_mid = torch.where(
+        cdf_delta > 1e-5,
+        torch.log(cdf_delta.clamp(min=1e-12)),
+        log_pdf_mid + math.log(2 * HALF_BIN),
+    )
+    logp = torch.where(
+        x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_mid)
+    )
+    return -logp
+
+
+def bernoulli_nll(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """-log P(x) for binary images x in {-1, 1} (black/white: 8-bit values 0 and 255) under
+    independent Bernoullis with ``logits``; as a mass on the 8-bit grid it puts zero on the
+    grey values in between, so it is a likelihood of *binarised* data only."""
+    return F.binary_cross_entropy_with_logits(logits, (x > 0).to(logits.dtype), reduction="none")
+
+
+def is_binary(x: torch.Tensor) -> bool:
+    """True if every value of x (in [-1, 1]) is -1 or 1."""
+    return bool(((x == -1) | (x == 1)).all())

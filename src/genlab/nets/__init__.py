@@ -8,6 +8,8 @@ from genlab.nets.gan import (
     ResNetGenerator,
 )
 from genlab.nets.unet import UNet
+from genlab.nets.vae import ConvDecoder, ConvEncoder, VQDecoder, VQEncoder
+from genlab.nets.vq import VectorQuantizer
 
 __all__ = [
     "UNet",
@@ -16,4 +18,9 @@ __all__ = [
     "DCGANDiscriminator",
     "ResNetGenerator",
     "ResNetDiscriminator",
+    "ConvEncoder",
+    "ConvDecoder",
+    "VQEncoder",
+    "VQDecoder",
+    "VectorQuantizer",
 ]
