@@ -7,6 +7,8 @@ from genlab.nets.gan import (
     ResNetDiscriminator,
     ResNetGenerator,
 )
+from genlab.nets.pixelcnn import GatedPixelCNN, PixelCNN, PixelCNNPlusPlus
+from genlab.nets.pixelrnn import PixelRNN
 from genlab.nets.unet import UNet
 from genlab.nets.vae import ConvDecoder, ConvEncoder, VQDecoder, VQEncoder
 from genlab.nets.vq import VectorQuantizer
@@ -23,4 +25,8 @@ __all__ = [
     "VQEncoder",
     "VQDecoder",
     "VectorQuantizer",
+    "PixelCNN",
+    "GatedPixelCNN",
+    "PixelCNNPlusPlus",
+    "PixelRNN",
 ]
