@@ -21,9 +21,14 @@ from .conftest import REPO, SHARED, TINY_METRICS, group_options, logged, run_cli
 GAN_PRESETS = {"gan", "wgan_gp", "sngan"}
 VAE_PRESETS = {"vae", "beta_vae", "cvae"}
 NO_PRIOR = {"vqvae"}  # reconstructs, but cannot sample without a prior over its codes
+CACHED = {"pixelcnn", "gated_pixelcnn"}  # cached samplers never run the whole network
 
 
-@pytest.mark.parametrize("model", group_options("model"))
+# presets that need a finished run of another preset: trained in their own tests
+STAGED = {"vqvae_prior"}  # tests/test_vae.py::test_vqvae_prior_two_stage_run
+
+
+@pytest.mark.parametrize("model", sorted(set(group_options("model")) - STAGED))
 def test_every_model_preset_trains_and_samples(model, tiny_cfg):
     cfg = tiny_cfg(f"model={model}")
     summary = train(cfg)
@@ -54,7 +59,12 @@ def test_every_model_preset_trains_and_samples(model, tiny_cfg):
         assert metrics["val/bpd"] > 0
         return
     assert metrics["val/fd_digits"] >= 0 and 1 <= metrics["val/is_digits"] <= 10
-    assert metrics["val/sample_img_per_s"] > 0 and metrics["val/sample_nfe"] >= 1
+    assert metrics["val/sample_img_per_s"] > 0
+    if model in CACHED:
+        assert "val/sample_nfe" not in metrics
+        assert on_disk["evaluation"]["protocol"]["sampler"]["sampler"].startswith("cached")
+    else:
+        assert metrics["val/sample_nfe"] >= 1
     g = torch.Generator().manual_seed(0)
     y = torch.arange(3) % module.num_classes if getattr(module, "num_classes", 0) else None
     images = module.sample(3, y=y, generator=g)

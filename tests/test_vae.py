@@ -324,3 +324,36 @@ def test_vqvae_run_reconstructs_and_says_it_cannot_sample(tiny_cfg):
     assert "cannot sample" in protocol["not_computed"]["samples"]
     with pytest.raises(UsageError, match="cannot sample"):
         sample_main([f"run_dir={run}"])
+
+
+def test_vqvae_prior_two_stage_run(tiny_cfg, tmp_path):
+    """Stage 1 trains a VQ-VAE; stage 2 trains a class-conditional Gated PixelCNN prior over its
+    codes, and the pair then samples, evaluates and bounds the likelihood like any family."""
+    stage1 = tiny_cfg("model=vqvae", "metrics.at_end=false")
+    train(stage1)
+    vq_run = stage1.paths.output_dir
+    with pytest.raises(Exception, match="vqvae_run"):
+        train(tiny_cfg("model=vqvae_prior"))  # the stage-1 run is required
+    stage2 = tiny_cfg(
+        "model=vqvae_prior", f"model.vqvae_run={vq_run}", "model.num_classes=${data.num_classes}"
+    )
+    stage2.paths.output_dir = str(tmp_path / "prior")
+    summary = train(stage2)
+    run = stage2.paths.output_dir
+    assert summary["status"] == "completed" and summary["metrics"]["train/loss"] > 0
+    assert {"step_0000002.png", "step_0000004.png"} <= set(os.listdir(os.path.join(run, "samples")))
+    assert summary["metrics"]["val/fd_digits"] >= 0 and summary["metrics"]["val/bpd"] > 0
+
+    prior = load_model(run, "last")[0]
+    vqvae = load_model(vq_run, "last")[0]
+    for (name, a), (_, b) in zip(prior.vqvae.state_dict().items(), vqvae.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=f"stage 2 changed the frozen VQ-VAE: {name}")
+    x, y = _images(3), torch.tensor([0, 1, 2])
+    recon, q = vqvae.terms(x)
+    expected = (recon + prior.prior_nll(q.codes, y)) / (256 * math.log(2))
+    torch.testing.assert_close(prior.bits_per_dim(x, y), expected)
+    prior = prior.double()
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    fast = prior.sample(4, y=torch.arange(4) % 4, generator=g(), fast=True)
+    plain = prior.sample(4, y=torch.arange(4) % 4, generator=g(), fast=False)
+    assert torch.equal(fast, plain) and fast.shape == (4, 1, 16, 16)

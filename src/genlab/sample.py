@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not getattr(model, "can_sample", True):
         raise UsageError(
             f"{type(model).__name__} in {args.run_dir} cannot sample on its own (it has no "
-            "prior); its reconstructions are in <run>/samples/recon_*.png"
+            "prior): train one with `python -m genlab model=vqvae_prior "
+            f"model.vqvae_run={args.run_dir}` and sample that run"
         )
     n, seed = int(args.get("n", 64)), int(args.get("seed", 0))
     y, nrow = class_grid(model, n)

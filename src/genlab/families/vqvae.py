@@ -10,9 +10,10 @@ and the codebook term replaced by EMA updates when the quantiser's ``decay`` > 0
 ``train/recon`` (nats per image), ``train/commitment``, ``train/perplexity``,
 ``train/code_usage`` (fraction of the codebook used by the batch), ``train/codes_restarted``.
 
-Sampling needs a prior over the codes (an autoregressive model trained on the encoded data);
-without one ``can_sample`` is False and ``sample()`` raises ``SamplingUnavailableError``, while
-reconstructions and ``bits_per_dim`` work. The bound uses a uniform prior over codes: with a
+Sampling needs a prior over the codes: ``VQPriorModule`` (below; ``model=vqvae_prior``) trains
+an autoregressive network on the codes of a finished VQ-VAE run and samples through it. A
+VQ-VAE alone has ``can_sample`` False and ``sample()`` raises ``SamplingUnavailableError``,
+while reconstructions and ``bits_per_dim`` work. The bound uses a uniform prior over codes: with a
 deterministic one-hot posterior, KL(q || p) = (code positions) * log K (Sec. 3.1), so
 -log P(x) <= -log p(x | z_q(x)) + n log K.
 """
@@ -24,8 +25,10 @@ from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from genlab.families.autoregressive import sample_categorical
 from genlab.families.common import (
     SamplingUnavailableError,
     check_finite,
@@ -35,6 +38,7 @@ from genlab.families.common import (
 )
 from genlab.families.likelihoods import DecoderLikelihood
 from genlab.metrics.likelihood import nats_to_bits_per_dim
+from genlab.nets.cached import cached_sampler
 from genlab.nets.vq import VectorQuantizer
 
 
@@ -190,6 +194,210 @@ class VQVAEModule(L.LightningModule):
 
     def sample(self, n: int, y=None, generator=None, **kwargs) -> torch.Tensor:
         raise SamplingUnavailableError(
-            "a VQ-VAE samples through a prior over its codes, and this one has none: use its "
-            "reconstructions (samples/recon_*.png) or train an autoregressive prior on its codes"
+            "a VQ-VAE samples through a prior over its codes, and this one has none: train one "
+            "with `python -m genlab model=vqvae_prior model.vqvae_run=<this run>` and sample "
+            "that run (reconstructions: samples/recon_*.png)"
         )
+
+
+class VQPriorModule(L.LightningModule):
+    """A VQ-VAE with a learned prior over its codes: the second stage of van den Oord et al.
+    2017 (Sec. 3.1 and 4.2). The VQ-VAE of a finished run (``vqvae_run``) is loaded and frozen;
+    each training batch is encoded to its code grid (B, h, w) and an autoregressive network
+    (PixelCNN, Gated PixelCNN or PixelRNN over one channel of K values, codes fed through a
+    learned embedding) is trained to maximise log p(codes) (``train/loss`` and ``val/loss`` in
+    bits per code position). Then
+
+    - ``sample(n, y)`` draws codes from the prior (the cached sampler where the network has
+      one) and returns the VQ-VAE decoder's mean image;
+    - ``bits_per_dim(x)`` is the bound -log p(x | z_q(x)) - log p_prior(z_q(x)) (the VQ-VAE's
+      ELBO with the learned prior in place of the uniform one) in the protocol's convention.
+
+    Args:
+        vqvae_run: run directory of a trained ``model=vqvae`` run. ckpt: its checkpoint.
+        prior: partial network, called with ``channels=1``, ``in_channels=embed_dim`` and
+            ``num_values`` = the codebook size (e.g. ``genlab.nets.GatedPixelCNN``).
+        image_shape: (C, H, W) of the data (checked against the VQ-VAE's).
+        embed_dim: width of the code embedding fed to the prior.
+        num_classes: > 0 for a class-conditional prior.
+    """
+
+    def __init__(
+        self,
+        vqvae_run: str,
+        prior: Callable[..., nn.Module],
+        image_shape: Sequence[int] = (1, 28, 28),
+        ckpt: str = "last",
+        embed_dim: int = 32,
+        num_classes: int = 0,
+        optimizer: Callable | None = None,
+        lr_scheduler: Callable | None = None,
+        fast_sampling: bool = True,
+        sample_batch_size: int = 64,
+    ):
+        super().__init__()
+        from genlab.sample import load_model  # a run directory, as the sample command reads it
+
+        vqvae = load_model(vqvae_run, ckpt, "cpu")[0]
+        if not isinstance(vqvae, VQVAEModule):
+            raise ValueError(f"{vqvae_run} is a {type(vqvae).__name__} run, not model=vqvae")
+        self.image_shape = tuple(int(s) for s in image_shape)
+        if tuple(vqvae.image_shape) != self.image_shape:
+            raise ValueError(
+                f"{vqvae_run} was trained on {vqvae.image_shape} images, this data is "
+                f"{self.image_shape}: use the VQ-VAE's dataset and image size"
+            )
+        self.vqvae = vqvae.requires_grad_(False).eval()
+        self.num_codes = vqvae.quantizer.num_codes
+        self.num_classes = int(num_classes)
+        self.embedding = nn.Embedding(self.num_codes, embed_dim)
+        self.net = prior(channels=1, in_channels=embed_dim, num_values=self.num_codes)
+        self.optimizer_fn = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
+        self.lr_scheduler_fn = lr_scheduler
+        self.fast_sampling = fast_sampling
+        self.sample_batch_size = int(sample_batch_size)
+        self._pending_rng: dict | None = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vqvae.eval()  # frozen: never update its codebook or statistics
+        return self
+
+    # ------------------------------------------------------------------ the prior
+    def _embed(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.embedding(codes).permute(0, 3, 1, 2)  # (B, h, w) -> (B, E, h, w)
+
+    def prior_nll(self, codes: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """-log p_prior(codes | y) per image (B,) in nats, codes (B, h, w)."""
+        logits = self.net(self._embed(codes), y if self.num_classes else None)[:, :, 0]
+        nll = F.cross_entropy(logits.double(), codes, reduction="none")  # (B, h, w)
+        return nll.flatten(1).sum(1).float()
+
+    def _step_loss(self, batch) -> torch.Tensor:
+        x, y = batch
+        with torch.no_grad():
+            codes = self.vqvae.encode(x)
+        return self.prior_nll(codes, y).mean() / (codes[0].numel() * math.log(2))
+
+    def training_step(self, batch, batch_idx):
+        loss = self._step_loss(batch)
+        check_finite("train/loss", loss, self.global_step)
+        self.log("train/loss", loss, prog_bar=True)  # bits per code position
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self._step_loss(batch), prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        params = [*self.net.parameters(), *self.embedding.parameters()]
+        opt = self.optimizer_fn(params)
+        if self.lr_scheduler_fn is None:
+            return opt
+        sched = self.lr_scheduler_fn(opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_state"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pending_rng = checkpoint.get("rng_state")
+
+    def on_train_start(self) -> None:
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+
+    # ------------------------------------------------------------------ likelihood
+    def bpd_protocol(self) -> dict:
+        return {
+            "estimator": "ELBO with the learned prior: -log p(x|z_q) - log p_prior(z_q)",
+            "num_codes": self.num_codes,
+            "likelihood": self.vqvae.likelihood.name,
+        }
+
+    @torch.no_grad()
+    def bits_per_dim(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Upper bound on -log2 P(x) / D (B,) for 8-bit images x in [-1, 1]; a conditional
+        prior without labels uses the class-marginal prior mean_y p(z | y)."""
+        was_training = self.training
+        self.eval()
+        recon, q = self.vqvae.terms(x)
+        if self.num_classes and y is None:
+            per_class = torch.stack(
+                [
+                    -self.prior_nll(q.codes, torch.full_like(q.codes[:, 0, 0], c)).double()
+                    for c in range(self.num_classes)
+                ]
+            )
+            prior = -(torch.logsumexp(per_class, 0) - math.log(self.num_classes))
+        else:
+            prior = self.prior_nll(q.codes, y).double()
+        self.train(was_training)
+        return nats_to_bits_per_dim(recon.double() + prior, x[0].numel()).float()
+
+    # ------------------------------------------------------------------ sampling
+    @property
+    def parameter_count(self) -> int:
+        return count_parameters(self.net) + count_parameters(self.embedding)
+
+    def sampling_net(self, use_ema: bool = True) -> nn.Module:
+        return self.net
+
+    def sampling_protocol(self) -> dict:
+        fast = self.fast_sampling and cached_sampler(self.net) is not None
+        return {
+            "name": "prior over codes, raster order, then the VQ-VAE decoder's mean",
+            "sampler": "cached (Ramachandran et al. 2017)" if fast else "plain",
+        }
+
+    def sample_codes(self, m: int, y, generator, fast: bool) -> torch.Tensor:
+        """Codes (m, h, w) drawn from the prior, one position at a time."""
+        h, w = self.vqvae.latent_shape()
+        dtype = self.embedding.weight.dtype
+        x = torch.zeros(m, self.embedding.embedding_dim, h, w, device=self.device, dtype=dtype)
+        codes = torch.zeros(m, h, w, dtype=torch.long, device=self.device)
+        u = torch.rand(m, h, w, generator=generator).to(self.device)
+        cache = cached_sampler(self.net) if fast else None
+        if cache is not None:
+            cache.reset(x, y)
+        for i in range(h):
+            for j in range(w):
+                if cache is not None:
+                    logits = cache.step(x, i, j)[:, :, 0]
+                else:
+                    logits = self.net(x, y)[:, :, 0, i, j]
+                codes[:, i, j] = sample_categorical(logits, u[:, i, j])
+                x[:, :, i, j] = self.embedding(codes[:, i, j])
+            if cache is not None:
+                cache.end_row(x, i)
+        return codes
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        y: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        fast: bool | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """n images (n, C, H, W) in [-1, 1]: codes from the prior (labels ``y`` for a
+        conditional prior; None: uniform random labels), decoded to the decoder's mean."""
+        fast = self.fast_sampling if fast is None else fast
+        was_training = self.training
+        self.eval()
+        if self.num_classes and y is None:
+            y = torch.randint(0, self.num_classes, (n,), generator=generator)
+        out = []
+        for start in range(0, n, self.sample_batch_size):
+            m = min(self.sample_batch_size, n - start)
+            yb = None if not self.num_classes else y[start : start + m].to(self.device)
+            codes = self.sample_codes(m, yb, generator, fast)
+            out.append(self.vqvae.likelihood.mean(self.vqvae.decode_codes(codes)))
+        self.train(was_training)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.vqvae.reconstruct(x)

@@ -271,7 +271,8 @@ class Evaluator:
                 bar.update(m)
                 yield to_uint8(images).cpu()
         bar.close()
-        stats["nfe"] = rows[0] / n if net is not None else None
+        # None where the net never ran whole (no net, or a cached autoregressive sampler)
+        stats["nfe"] = rows[0] / n if net is not None and rows[0] > 0 else None
 
     def _consume(self, chunks: Iterable[torch.Tensor], exts: list[Extractor]) -> dict:
         feats: dict[str, list[dict]] = {ext.key: [] for ext in exts}

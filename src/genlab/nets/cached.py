@@ -10,8 +10,9 @@ masked weights, biases and padding), so the samples equal the plain sampler's.
 
 A sampler has ``reset(x, y)`` (empty caches for a batch of images x being sampled, labels y),
 ``step(x, i, j)`` (the network's output at pixel (i, j) given the current x: logits
-(B, 256, C)) and ``end_row(x, i)`` (row i is complete). For RGB softmax models ``step`` is
-called once per channel, after the earlier channels of the pixel are written into x.
+(B, V, C), V = 256 values or K codes) and ``end_row(x, i)`` (row i is complete). For RGB
+softmax models ``step`` is called once per channel, after the earlier channels of the pixel
+are written into x.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class CachedPixelCNN:
             h = h + out.window(m[:, :, None, None])
         z = F.relu(self.head[0].window(F.relu(h)[:, :, None, None]))
         out = self.head[1].window(z[:, :, None, None])
-        return out.view(-1, self.net.channels, 256).transpose(1, 2)
+        return out.view(-1, self.net.channels, self.net.num_values).transpose(1, 2)
 
     def end_row(self, x: torch.Tensor, i: int) -> None:
         left, _, top, _ = self.pad_in  # the row's last pixel was drawn after its last step
@@ -146,7 +147,7 @@ class CachedGatedPixelCNN:
                 self.h_in[idx + 1][:, :, 0, j + nxt] = h
         z = F.relu(self.head[0].window(F.relu(h)[:, :, None, None]))
         out = self.head[1].window(z[:, :, None, None])
-        return out.view(-1, self.net.channels, 256).transpose(1, 2)
+        return out.view(-1, self.net.channels, self.net.num_values).transpose(1, 2)
 
     def end_row(self, x: torch.Tensor, i: int) -> None:
         """Row i is complete: compute the vertical stack on it for every layer."""

@@ -99,21 +99,23 @@ def class_biases(embed: nn.Embedding | None, y: torch.Tensor | None, n: int) -> 
     return list(embed(y)[:, :, None, None].chunk(n, dim=1))
 
 
-def categorical_head(hidden: int, out_hidden: int, channels: int) -> nn.Sequential:
-    """ReLU, 1x1 mask-B conv, ReLU, 1x1 mask-B conv to 256 logits per channel (PixelRNN paper,
-    Table 4). Output (B, C * 256, H, W), channel-major; see ``categorical_logits``."""
+def categorical_head(
+    hidden: int, out_hidden: int, channels: int, num_values: int = 256
+) -> nn.Sequential:
+    """ReLU, 1x1 mask-B conv, ReLU, 1x1 mask-B conv to ``num_values`` (256) logits per channel
+    (PixelRNN paper, Table 4). Output (B, C * V, H, W), channel-major (``categorical_logits``)."""
     return nn.Sequential(
         nn.ReLU(),
         MaskedConv2d(hidden, out_hidden, 1, "B", channels),
         nn.ReLU(),
-        MaskedConv2d(out_hidden, 256 * channels, 1, "B", channels),
+        MaskedConv2d(out_hidden, num_values * channels, 1, "B", channels),
     )
 
 
-def categorical_logits(out: torch.Tensor, channels: int) -> torch.Tensor:
-    """(B, C * 256, H, W) head output -> logits (B, 256, C, H, W)."""
+def categorical_logits(out: torch.Tensor, channels: int, num_values: int = 256) -> torch.Tensor:
+    """(B, C * V, H, W) head output -> logits (B, V, C, H, W)."""
     b, _, h, w = out.shape
-    return out.view(b, channels, 256, h, w).transpose(1, 2)
+    return out.view(b, channels, num_values, h, w).transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------------- PixelCNN
@@ -146,6 +148,8 @@ class PixelCNN(nn.Module):
     > 0 a learned per-class bias is added to the features of every layer (the conditional
     PixelCNN of van den Oord et al. 2016b, Eq. 4, with a one-hot h). The stack of 3x3 masks has
     a blind spot above right of each pixel (that paper, Fig. 1); ``GatedPixelCNN`` has none.
+    ``num_values`` (256) sets the softmax width and ``in_channels`` (default C) the input width,
+    e.g. K codes of a VQ-VAE fed as embeddings (``VQPriorModule``).
     """
 
     output = "categorical"
@@ -158,20 +162,23 @@ class PixelCNN(nn.Module):
         kernel_size: int = 7,
         out_hidden: int = 128,
         num_classes: int = 0,
+        num_values: int = 256,
+        in_channels: int | None = None,
     ):
         super().__init__()
         self.channels, self.num_classes, self.num_layers = channels, num_classes, num_layers
-        self.conv_in = MaskedConv2d(channels, hidden, kernel_size, "A", channels)
+        self.num_values = num_values
+        self.conv_in = MaskedConv2d(in_channels or channels, hidden, kernel_size, "A", channels)
         self.blocks = nn.ModuleList(ResidualBlock(hidden, channels) for _ in range(num_layers))
         self.embed = nn.Embedding(num_classes, hidden * (num_layers + 1)) if num_classes else None
-        self.head = categorical_head(hidden, out_hidden, channels)
+        self.head = categorical_head(hidden, out_hidden, channels, num_values)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         bias = class_biases(self.embed, y, self.num_layers + 1)
         h = self.conv_in(x) + bias[0]
         for block, b in zip(self.blocks, bias[1:]):
             h = block(h + b)
-        return categorical_logits(self.head(h), self.channels)
+        return categorical_logits(self.head(h), self.channels, self.num_values)
 
 
 # ------------------------------------------------------------------------------- Gated PixelCNN
@@ -236,21 +243,25 @@ class GatedPixelCNN(nn.Module):
         kernel_size: int = 5,
         out_hidden: int = 128,
         num_classes: int = 0,
+        num_values: int = 256,
+        in_channels: int | None = None,
     ):
         super().__init__()
         self.channels, self.num_classes, self.num_layers = channels, num_classes, num_layers
+        self.num_values = num_values
+        c_in = in_channels or channels
         self.layers = nn.ModuleList(
-            GatedLayer(channels if i == 0 else hidden, hidden, kernel_size, channels, i == 0)
+            GatedLayer(c_in if i == 0 else hidden, hidden, kernel_size, channels, i == 0)
             for i in range(num_layers)
         )
         self.embed = nn.Embedding(num_classes, 2 * hidden * num_layers) if num_classes else None
-        self.head = categorical_head(hidden, out_hidden, channels)
+        self.head = categorical_head(hidden, out_hidden, channels, num_values)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         v = h = x
         for layer, bias in zip(self.layers, class_biases(self.embed, y, self.num_layers)):
             v, h = layer(v, h, bias)
-        return categorical_logits(self.head(h), self.channels)
+        return categorical_logits(self.head(h), self.channels, self.num_values)
 
 
 # ----------------------------------------------------------------------------------- PixelCNN++

@@ -135,7 +135,8 @@ class PixelRNN(nn.Module):
     then ReLU and two 1x1 mask-B convolutions to a 256-way softmax per channel.
 
     x (B, C, H, W) in [-1, 1], y (B,) labels -> logits (B, 256, C, H, W). With ``num_classes``
-    > 0 a learned per-class bias is added to the input of every LSTM layer.
+    > 0 a learned per-class bias is added to the input of every LSTM layer. ``num_values`` and
+    ``in_channels`` as for ``PixelCNN`` (a prior over VQ-VAE codes).
     """
 
     output = "categorical"
@@ -148,6 +149,8 @@ class PixelRNN(nn.Module):
         kind: str = "row",
         out_hidden: int = 128,
         num_classes: int = 0,
+        num_values: int = 256,
+        in_channels: int | None = None,
     ):
         super().__init__()
         if kind not in ("row", "diagonal"):
@@ -156,13 +159,14 @@ class PixelRNN(nn.Module):
             channels, num_classes, num_layers, kind,
         )  # fmt: skip
         layer = RowLSTM if kind == "row" else DiagonalBiLSTM
-        self.conv_in = MaskedConv2d(channels, 2 * hidden, 7, "A", channels)
+        self.num_values = num_values
+        self.conv_in = MaskedConv2d(in_channels or channels, 2 * hidden, 7, "A", channels)
         self.lstms = nn.ModuleList(layer(2 * hidden, hidden, channels) for _ in range(num_layers))
         self.ups = nn.ModuleList(
             MaskedConv2d(hidden, 2 * hidden, 1, "B", channels) for _ in range(num_layers)
         )
         self.embed = nn.Embedding(num_classes, 2 * hidden * num_layers) if num_classes else None
-        self.head = categorical_head(2 * hidden, out_hidden, channels)
+        self.head = categorical_head(2 * hidden, out_hidden, channels, num_values)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv_in(x)
@@ -171,4 +175,4 @@ class PixelRNN(nn.Module):
         ):
             h = h + bias
             h = h + up(lstm(h))
-        return categorical_logits(self.head(h), self.channels)
+        return categorical_logits(self.head(h), self.channels, self.num_values)
