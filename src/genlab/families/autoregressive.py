@@ -25,7 +25,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from genlab.families.common import check_finite, count_parameters, rng_state, set_rng_state
+from genlab.families.common import (
+    RNGCheckpointMixin,
+    check_finite,
+    count_parameters,
+    optimizers,
+)
 from genlab.metrics.likelihood import (
     categorical_bits_per_dim,
     discretized_mix_logistic_nll,
@@ -46,7 +51,7 @@ def to_values(k: torch.Tensor) -> torch.Tensor:
     return k.float() / 127.5 - 1
 
 
-class AutoregressiveModule(L.LightningModule):
+class AutoregressiveModule(RNGCheckpointMixin, L.LightningModule):
     """Args:
     net: ``net(x, y) -> logits (B, 256, C, H, W)`` (``net.output == "categorical"``) or
         mixture parameters (B, P, H, W) (``"logistic_mixture"``, with ``net.num_mixtures``).
@@ -76,7 +81,6 @@ class AutoregressiveModule(L.LightningModule):
         self.lr_scheduler_fn = lr_scheduler
         self.fast_sampling = fast_sampling
         self.sample_batch_size = int(sample_batch_size)
-        self._pending_rng: dict | None = None
 
     # ------------------------------------------------------------------ likelihood
     def _y(self, y: torch.Tensor | None) -> torch.Tensor | None:
@@ -128,22 +132,7 @@ class AutoregressiveModule(L.LightningModule):
         self.log("val/loss", self.nll_bits_per_dim(x, y).mean(), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
-        opt = self.optimizer_fn(self.net.parameters())
-        if self.lr_scheduler_fn is None:
-            return opt
-        sched = self.lr_scheduler_fn(opt)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_state"] = rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._pending_rng = checkpoint.get("rng_state")
-
-    def on_train_start(self) -> None:
-        if self._pending_rng is not None:
-            set_rng_state(self._pending_rng)
-            self._pending_rng = None
+        return optimizers(self.optimizer_fn, self.lr_scheduler_fn, self.net.parameters())
 
     # ------------------------------------------------------------------ sampling
     @property

@@ -37,6 +37,34 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class RNGCheckpointMixin:
+    """For LightningModules: the global RNG state goes into every checkpoint and is restored
+    when training resumes, so a resumed run draws the noise an uninterrupted one would have."""
+
+    _pending_rng: dict | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_state"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pending_rng = checkpoint.get("rng_state")
+
+    def on_train_start(self) -> None:
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+
+
+def optimizers(optimizer_fn, lr_scheduler_fn, params):
+    """``configure_optimizers``'s return value: the optimizer, with the scheduler (if any)
+    stepped every optimizer step."""
+    opt = optimizer_fn(params)
+    if lr_scheduler_fn is None:
+        return opt
+    sched = lr_scheduler_fn(opt)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 class LinearWarmup:
     """LR multiplier rising linearly from 1/warmup_steps to 1 over ``warmup_steps`` steps.
     A class (not a lambda) so LambdaLR can save it in checkpoints."""

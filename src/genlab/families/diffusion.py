@@ -19,11 +19,16 @@ from torch import nn
 from genlab.diffusion import process
 from genlab.diffusion.samplers import Denoiser, ddim
 from genlab.diffusion.schedules import LinearSchedule, NoiseSchedule
-from genlab.families.common import check_finite, count_parameters, rng_state, set_rng_state
+from genlab.families.common import (
+    RNGCheckpointMixin,
+    check_finite,
+    count_parameters,
+    optimizers,
+)
 from genlab.nets.ema import EMA
 
 
-class DiffusionModule(L.LightningModule):
+class DiffusionModule(RNGCheckpointMixin, L.LightningModule):
     """Denoising diffusion probabilistic model.
 
     Args:
@@ -74,7 +79,6 @@ class DiffusionModule(L.LightningModule):
         self.variance = variance
         self.bpd_timesteps = bpd_timesteps
         self.sample_batch_size = sample_batch_size
-        self._pending_rng: dict | None = None
 
     # ------------------------------------------------------------------ training
     def _labels(self, y: torch.Tensor | None, drop: bool) -> torch.Tensor | None:
@@ -114,23 +118,7 @@ class DiffusionModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
-        opt = self.optimizer_fn(self.net.parameters())
-        if self.lr_scheduler_fn is None:
-            return opt
-        sched = self.lr_scheduler_fn(opt)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_state"] = rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._pending_rng = checkpoint.get("rng_state")
-
-    def on_train_start(self) -> None:
-        if self._pending_rng is not None:  # resume: continue the random stream exactly
-            set_rng_state(self._pending_rng)
-            self._pending_rng = None
+        return optimizers(self.optimizer_fn, self.lr_scheduler_fn, self.net.parameters())
 
     # ------------------------------------------------------------------ the family contract
     def sampling_net(self, use_ema: bool = True) -> nn.Module:

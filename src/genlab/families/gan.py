@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genlab.families.common import check_finite, count_parameters, rng_state, set_rng_state
+from genlab.families.common import RNGCheckpointMixin, check_finite, count_parameters
 from genlab.nets.augment import diff_augment
 from genlab.nets.ema import EMA
 
@@ -52,7 +52,7 @@ def r1_penalty(discriminator: Callable, real: torch.Tensor, y=None) -> torch.Ten
     return grad.flatten(1).pow(2).sum(1).mean()
 
 
-class GANModule(L.LightningModule):
+class GANModule(RNGCheckpointMixin, L.LightningModule):
     """Args:
     generator: ``G(z, y) -> (B, C, H, W)`` in [-1, 1] with attribute ``z_dim``.
     discriminator: ``D(x, y) -> (B,)`` logits / critic values.
@@ -103,7 +103,6 @@ class GANModule(L.LightningModule):
         # discriminator steps taken: decides when the generator steps; in the state dict so
         # a resumed run keeps the D/G rhythm
         self.register_buffer("d_steps", torch.zeros((), dtype=torch.long))
-        self._pending_rng: dict | None = None
 
     # ------------------------------------------------------------------ losses
     def _d(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -182,24 +181,13 @@ class GANModule(L.LightningModule):
             self.d_optimizer_fn(self.discriminator.parameters()),
         ]
 
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_state"] = rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._pending_rng = checkpoint.get("rng_state")
-
+    # ------------------------------------------------------------------ precision
     def on_fit_start(self) -> None:
         if str(self.trainer.precision).startswith("16"):
             raise ValueError(
                 "GANModule steps the discriminator's optimizer directly, which fp16 loss scaling "
                 "does not support: use trainer.precision=bf16-mixed or 32-true"
             )
-
-    def on_train_start(self) -> None:
-        if self._pending_rng is not None:
-            set_rng_state(self._pending_rng)
-            self._pending_rng = None
 
     # ------------------------------------------------------------------ the family contract
     def sampling_net(self, use_ema: bool = True) -> nn.Module:

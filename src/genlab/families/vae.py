@@ -27,7 +27,12 @@ import lightning as L
 import torch
 from torch import nn
 
-from genlab.families.common import check_finite, count_parameters, rng_state, set_rng_state
+from genlab.families.common import (
+    RNGCheckpointMixin,
+    check_finite,
+    count_parameters,
+    optimizers,
+)
 from genlab.families.likelihoods import DecoderLikelihood
 from genlab.metrics.likelihood import importance_weighted_bound, nats_to_bits_per_dim
 
@@ -45,7 +50,7 @@ def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor)
     return -0.5 * (LOG_2PI + logvar + (z - mean).pow(2) * torch.exp(-logvar)).sum(-1)
 
 
-class VAEModule(L.LightningModule):
+class VAEModule(RNGCheckpointMixin, L.LightningModule):
     """Args:
     encoder: ``encoder(x, y) -> (mean, logvar)`` each (B, latent_dim), e.g. ``ConvEncoder``.
     decoder: ``decoder(z, y) -> (B, P*C, H, W)`` likelihood parameters, e.g. ``ConvDecoder``
@@ -91,7 +96,6 @@ class VAEModule(L.LightningModule):
         self.sample_batch_size = sample_batch_size
         self.sample_mean = bool(sample_mean)
         self.latent_dim = int(encoder.latent_dim)
-        self._pending_rng: dict | None = None
         self._checked = False
 
     # ------------------------------------------------------------------ model
@@ -166,23 +170,7 @@ class VAEModule(L.LightningModule):
         self._val_means = []
 
     def configure_optimizers(self):
-        opt = self.optimizer_fn(self.parameters())
-        if self.lr_scheduler_fn is None:
-            return opt
-        sched = self.lr_scheduler_fn(opt)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_state"] = rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._pending_rng = checkpoint.get("rng_state")
-
-    def on_train_start(self) -> None:
-        if self._pending_rng is not None:
-            set_rng_state(self._pending_rng)
-            self._pending_rng = None
+        return optimizers(self.optimizer_fn, self.lr_scheduler_fn, self.parameters())
 
     # ------------------------------------------------------------------ likelihood
     @torch.no_grad()

@@ -30,11 +30,11 @@ from torch import nn
 
 from genlab.families.autoregressive import sample_categorical
 from genlab.families.common import (
+    RNGCheckpointMixin,
     SamplingUnavailableError,
     check_finite,
     count_parameters,
-    rng_state,
-    set_rng_state,
+    optimizers,
 )
 from genlab.families.likelihoods import DecoderLikelihood
 from genlab.metrics.likelihood import nats_to_bits_per_dim
@@ -42,7 +42,7 @@ from genlab.nets.cached import cached_sampler
 from genlab.nets.vq import VectorQuantizer
 
 
-class VQVAEModule(L.LightningModule):
+class VQVAEModule(RNGCheckpointMixin, L.LightningModule):
     """Args:
     encoder: ``encoder(x) -> z_e`` (B, D, h, w), e.g. ``VQEncoder``.
     decoder: ``decoder(z_q) -> (B, P*C, H, W)`` likelihood parameters, e.g. ``VQDecoder``; or a
@@ -78,7 +78,6 @@ class VQVAEModule(L.LightningModule):
         self.optimizer_fn = optimizer or (lambda params: torch.optim.Adam(params, lr=2e-4))
         self.lr_scheduler_fn = lr_scheduler
         self.sample_batch_size = sample_batch_size
-        self._pending_rng: dict | None = None
         self._checked = False
 
     # ------------------------------------------------------------------ model
@@ -137,23 +136,7 @@ class VQVAEModule(L.LightningModule):
         )
 
     def configure_optimizers(self):
-        opt = self.optimizer_fn(self.parameters())
-        if self.lr_scheduler_fn is None:
-            return opt
-        sched = self.lr_scheduler_fn(opt)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_state"] = rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._pending_rng = checkpoint.get("rng_state")
-
-    def on_train_start(self) -> None:
-        if self._pending_rng is not None:
-            set_rng_state(self._pending_rng)
-            self._pending_rng = None
+        return optimizers(self.optimizer_fn, self.lr_scheduler_fn, self.parameters())
 
     # ------------------------------------------------------------------ likelihood
     def bpd_protocol(self) -> dict:
@@ -200,7 +183,7 @@ class VQVAEModule(L.LightningModule):
         )
 
 
-class VQPriorModule(L.LightningModule):
+class VQPriorModule(RNGCheckpointMixin, L.LightningModule):
     """A VQ-VAE with a learned prior over its codes: the second stage of van den Oord et al.
     2017 (Sec. 3.1 and 4.2). The VQ-VAE of a finished run (``vqvae_run``) is loaded and frozen;
     each training batch is encoded to its code grid (B, h, w) and an autoregressive network
@@ -256,7 +239,6 @@ class VQPriorModule(L.LightningModule):
         self.lr_scheduler_fn = lr_scheduler
         self.fast_sampling = fast_sampling
         self.sample_batch_size = int(sample_batch_size)
-        self._pending_rng: dict | None = None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -290,22 +272,7 @@ class VQPriorModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [*self.net.parameters(), *self.embedding.parameters()]
-        opt = self.optimizer_fn(params)
-        if self.lr_scheduler_fn is None:
-            return opt
-        sched = self.lr_scheduler_fn(opt)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_state"] = rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._pending_rng = checkpoint.get("rng_state")
-
-    def on_train_start(self) -> None:
-        if self._pending_rng is not None:
-            set_rng_state(self._pending_rng)
-            self._pending_rng = None
+        return optimizers(self.optimizer_fn, self.lr_scheduler_fn, params)
 
     # ------------------------------------------------------------------ likelihood
     def bpd_protocol(self) -> dict:
