@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from genlab.families.common import (
     RNGCheckpointMixin,
     check_finite,
+    class_marginal_nll,
     count_parameters,
     optimizers,
 )
@@ -37,7 +38,7 @@ from genlab.metrics.likelihood import (
     nats_to_bits_per_dim,
     sample_mix_logistic,
 )
-from genlab.nets.cached import cached_sampler
+from genlab.nets.cached import cached_sampler, has_cached_sampler
 
 
 def sample_categorical(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -101,15 +102,12 @@ class AutoregressiveModule(RNGCheckpointMixin, L.LightningModule):
         was_training = self.training
         self.eval()
         if self.num_classes and y is None:
-            per_class = torch.stack(
-                [
-                    self.nll_bits_per_dim(x, torch.full_like(x[:, 0, 0, 0], c).long())
-                    for c in range(self.num_classes)
-                ]
-            ).double()  # (classes, B) bits/dim
             dims = x[0].numel()
-            log2_px = torch.logsumexp(-per_class * dims * math.log(2), 0) / math.log(2)
-            bpd = (math.log2(self.num_classes) - log2_px) / dims
+            nats = class_marginal_nll(
+                lambda c: self.nll_bits_per_dim(x, c) * (dims * math.log(2)),
+                self.num_classes, x.shape[0], x.device,
+            )  # fmt: skip
+            bpd = nats_to_bits_per_dim(nats, dims)
         else:
             bpd = self.nll_bits_per_dim(x, y)
         self.train(was_training)
@@ -143,7 +141,7 @@ class AutoregressiveModule(RNGCheckpointMixin, L.LightningModule):
         return self.net
 
     def sampling_protocol(self) -> dict:
-        fast = self.fast_sampling and cached_sampler(self.net) is not None
+        fast = self.fast_sampling and has_cached_sampler(self.net)
         return {
             "name": "ancestral, raster order" + (", per channel" if self._per_channel else ""),
             "sampler": "cached (Ramachandran et al. 2017)" if fast else "plain",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 
 
@@ -35,6 +38,19 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def class_marginal_nll(nll: Callable[[torch.Tensor], torch.Tensor], num_classes: int, batch: int,
+                       device) -> torch.Tensor:  # fmt: skip
+    """-log p(x) = -log (1/C) sum_y p(x | y) (B,) in nats, float64, from ``nll(y)`` -> -log p(x | y)
+    (B,) in nats, evaluated for every class y with uniform weight."""
+    per_class = torch.stack(
+        [
+            -nll(torch.full((batch,), c, dtype=torch.long, device=device)).double()
+            for c in range(num_classes)
+        ]
+    )
+    return -(torch.logsumexp(per_class, 0) - math.log(num_classes))
 
 
 class RNGCheckpointMixin:

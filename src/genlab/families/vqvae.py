@@ -33,12 +33,13 @@ from genlab.families.common import (
     RNGCheckpointMixin,
     SamplingUnavailableError,
     check_finite,
+    class_marginal_nll,
     count_parameters,
     optimizers,
 )
 from genlab.families.likelihoods import DecoderLikelihood
 from genlab.metrics.likelihood import nats_to_bits_per_dim
-from genlab.nets.cached import cached_sampler
+from genlab.nets.cached import cached_sampler, has_cached_sampler
 from genlab.nets.vq import VectorQuantizer
 
 
@@ -290,13 +291,9 @@ class VQPriorModule(RNGCheckpointMixin, L.LightningModule):
         self.eval()
         recon, q = self.vqvae.terms(x)
         if self.num_classes and y is None:
-            per_class = torch.stack(
-                [
-                    -self.prior_nll(q.codes, torch.full_like(q.codes[:, 0, 0], c)).double()
-                    for c in range(self.num_classes)
-                ]
+            prior = class_marginal_nll(
+                lambda c: self.prior_nll(q.codes, c), self.num_classes, x.shape[0], x.device
             )
-            prior = -(torch.logsumexp(per_class, 0) - math.log(self.num_classes))
         else:
             prior = self.prior_nll(q.codes, y).double()
         self.train(was_training)
@@ -311,7 +308,7 @@ class VQPriorModule(RNGCheckpointMixin, L.LightningModule):
         return self.net
 
     def sampling_protocol(self) -> dict:
-        fast = self.fast_sampling and cached_sampler(self.net) is not None
+        fast = self.fast_sampling and has_cached_sampler(self.net)
         return {
             "name": "prior over codes, raster order, then the VQ-VAE decoder's mean",
             "sampler": "cached (Ramachandran et al. 2017)" if fast else "plain",

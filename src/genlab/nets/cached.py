@@ -170,10 +170,14 @@ def _bias4(bias):
     return bias[:, :, None, None] if torch.is_tensor(bias) else bias
 
 
+SAMPLERS = {PixelCNN: CachedPixelCNN, GatedPixelCNN: CachedGatedPixelCNN}
+
+
+def has_cached_sampler(net: nn.Module) -> bool:
+    return type(net) in SAMPLERS
+
+
 def cached_sampler(net: nn.Module):
     """The cached sampler for ``net``, or None where there is none (the plain sampler runs)."""
-    if isinstance(net, PixelCNN):
-        return CachedPixelCNN(net)
-    if isinstance(net, GatedPixelCNN):
-        return CachedGatedPixelCNN(net)
-    return None
+    sampler = SAMPLERS.get(type(net))
+    return None if sampler is None else sampler(net)
