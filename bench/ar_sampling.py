@@ -4,7 +4,7 @@ them). The plain sampler -- what PixelCNN ports do -- runs the whole network for
 the cached sampler (genlab.nets.cached, after Ramachandran et al. 2017, who report about 2x at
 batch 1 up to 183x at batch 256) computes only the new pixel's activations.
 
-    python bench/ar_sampling.py [--models pixelcnn gated_pixelcnn] [--batches 1 64]
+    python bench/ar_sampling.py [--models pixelcnn gated_pixelcnn pixelcnn_pp] [--batches 1 64]
 
 Prints images/s of each sampler, the speed-up, and whether both drew the same images for the
 same seed (float32), and writes bench/results/ar_sampling.json.
@@ -40,7 +40,7 @@ def timed(module, n: int, fast: bool) -> tuple[torch.Tensor, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["pixelcnn", "gated_pixelcnn"])
+    parser.add_argument("--models", nargs="+", default=["pixelcnn", "gated_pixelcnn", "pixelcnn_pp"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="bench/results/ar_sampling.json")

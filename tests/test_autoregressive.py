@@ -38,7 +38,7 @@ def grid_images(n: int, channels: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, channels, 8, 8), generator=g) / 127.5 - 1
 
 
-@pytest.mark.parametrize("kind", ["pixelcnn", "gated"])
+@pytest.mark.parametrize("kind", ["pixelcnn", "gated", "mixture"])
 @pytest.mark.parametrize(("channels", "num_classes"), [(1, 0), (3, 0), (1, 3), (3, 3)])
 def test_cached_sampler_gives_the_plain_samplers_images(kind, channels, num_classes):
     model = tiny(kind, channels, num_classes).double()
@@ -53,18 +53,39 @@ def test_cached_sampler_gives_the_plain_samplers_images(kind, channels, num_clas
     assert len(plain.unique()) > 10  # real draws, not a constant image
 
 
-@pytest.mark.parametrize("kind", ["pixelcnn", "gated"])
+@pytest.mark.parametrize("kind", ["pixelcnn", "gated", "mixture"])
 def test_cached_step_equals_the_network_on_a_given_image(kind):
     model = tiny(kind, channels=3, num_classes=3).double().eval()
     x, y = grid_images(2, 3).double(), torch.tensor([0, 2])
-    full = model.net(x, y)
-    cache = cached_sampler(model.net)
-    cache.reset(torch.zeros_like(x), y)
+    assert_steps_match(model.net, x, y)
+
+
+def assert_steps_match(net, x, y=None):
+    """The cached sampler's output at every pixel, fed the whole image x (later pixels too),
+    equals the network's on x: it computes each position once, and only from earlier pixels."""
     with torch.no_grad():
-        for i in range(8):
-            for j in range(8):
-                torch.testing.assert_close(cache.step(x, i, j), full[:, :, :, i, j])
+        full = net(x, y)
+        cache = cached_sampler(net)
+        cache.reset(torch.zeros_like(x), y)
+        for i in range(x.shape[2]):
+            for j in range(x.shape[3]):
+                want = full[..., i, j]
+                torch.testing.assert_close(cache.step(x, i, j), want, rtol=1e-12, atol=1e-12)
             cache.end_row(x, i)
+
+
+@pytest.mark.parametrize(
+    ("size", "num_scales", "num_resnets"),
+    [((7, 9), 3, 2), ((9, 11), 3, 1), ((5, 6), 1, 1), ((8, 8), 2, 1), ((13, 4), 3, 1)],
+)
+def test_cached_pixelcnn_pp_on_odd_sizes_and_scales(size, num_scales, num_resnets):
+    """Odd sizes (9 -> 5 -> 3), one to three scales, more resnets per scale: every scale's
+    positions are computed at the right image pixel, the transposed convolutions cropped right."""
+    torch.manual_seed(0)
+    net = PixelCNNPlusPlus(1, 8, num_resnets=num_resnets, num_mixtures=2, dropout=0.0,
+                           num_classes=2, num_scales=num_scales).double().eval()  # fmt: skip
+    x = torch.randint(0, 256, (2, 1, *size), generator=torch.Generator().manual_seed(3))
+    assert_steps_match(net, x.double() / 127.5 - 1, torch.tensor([1, 0]))
 
 
 def test_bits_per_dim_is_the_exact_categorical_likelihood():
@@ -129,4 +150,6 @@ def test_mixture_model_samples_on_the_8bit_grid():
     torch.testing.assert_close(images, ((images + 1) * 127.5).round() / 127.5 - 1)
     again = model.sample(2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(images, again)
+    assert model.sampling_protocol()["sampler"].startswith("cached")
+    model.fast_sampling = False
     assert model.sampling_protocol()["sampler"] == "plain"
