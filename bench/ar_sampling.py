@@ -7,7 +7,8 @@ batch 1 up to 183x at batch 256) computes only the new pixel's activations.
     python bench/ar_sampling.py [--models pixelcnn gated_pixelcnn pixelcnn_pp] [--batches 1 64]
 
 Prints images/s of each sampler, the speed-up, and whether both drew the same images for the
-same seed (float32), and writes bench/results/ar_sampling.json.
+same seed (float32), and writes bench/results/ar_sampling.json (rows of models not run this
+time are kept from the file).
 """
 
 from __future__ import annotations
@@ -68,8 +69,13 @@ def main() -> None:
                 f"{row['cached_img_per_s']:8.3f} img/s  x{row['speedup']:6.1f}  "
                 f"identical {row['identical_images']}/{b}"
             )
+    out = Path(args.out)
+    if out.exists():  # keep the other models' rows from earlier runs
+        done = {(r["model"], r["batch"]) for r in rows}
+        earlier = json.loads(out.read_text())["results"]
+        rows = [r for r in earlier if (r["model"], r["batch"]) not in done] + rows
     result = {"device": "cpu", "threads": torch.get_num_threads(), "results": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
 
