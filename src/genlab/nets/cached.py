@@ -10,9 +10,9 @@ masked weights, biases and padding), so the samples equal the plain sampler's.
 
 A sampler has ``reset(x, y)`` (empty caches for a batch of images x being sampled, labels y),
 ``step(x, i, j)`` (the network's output at pixel (i, j) given the current x: logits
-(B, V, C), V = 256 values or K codes) and ``end_row(x, i)`` (row i is complete). For RGB
-softmax models ``step`` is called once per channel, after the earlier channels of the pixel
-are written into x.
+(B, V, C), V = 256 values or K codes; for PixelCNN++ the mixture parameters (B, P)) and
+``end_row(x, i)`` (row i is complete). For RGB softmax models ``step`` is called once per
+channel, after the earlier channels of the pixel are written into x.
 """
 
 from __future__ import annotations
