@@ -4,6 +4,8 @@ evaluation -> summary.json. ``python -m genlab`` runs ``main``; tests call ``tra
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -14,12 +16,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from genlab.callbacks.checkpoint import AtomicCheckpointIO
 from genlab.callbacks.evaluation import Evaluation
 from genlab.metrics.protocol import sampling_protocol
-from genlab.utils import CONF_DIR, wandb_mode, write_summary
+from genlab.utils import CONF_DIR, read_summary, sweep_dir, wandb_mode, write_summary
 
 log = logging.getLogger("genlab")
 
@@ -49,13 +51,28 @@ def _choices() -> dict:
         return {}
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+def wandb_settings(conf: DictConfig, run_dir: Path, family: str | None) -> dict:
+    """What genlab adds to the W&B logger's config: the mode (online only when logged in),
+    and in a sweep one group per sweep (its directory's name), the job's directory name as
+    the run name, and the family among the tags."""
+    extra: dict = {"mode": wandb_mode(conf.get("mode"))}
+    sweep = sweep_dir()
+    if sweep is not None:
+        if not conf.get("group"):
+            extra["group"] = sweep.name
+        extra["name"] = run_dir.name
+    if family:
+        extra["tags"] = [*(conf.get("tags") or []), f"family:{family}"]
+    return extra
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, family: str | None = None) -> list:
     loggers: list = [CSVLogger(save_dir=str(run_dir), name="", version="")]
     for name, conf in (cfg.get("logger") or {}).items():
         if not conf or "_target_" not in conf:
             continue
         if "Wandb" in conf._target_:
-            conf = OmegaConf.merge(conf, {"mode": wandb_mode(conf.get("mode"))})
+            conf = OmegaConf.merge(conf, wandb_settings(conf, run_dir, family))
         loggers.append(instantiate(conf))
         log.info("logger %s: %s", name, conf._target_)
     return loggers
@@ -80,13 +97,60 @@ def evaluation_callback(trainer: L.Trainer) -> Evaluation | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, Evaluation)), None)
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+
+
 def train(cfg: DictConfig) -> dict:
+    """Train, evaluate and write summary.json. In a run directory that already holds a
+    completed run (a sweep re-run into its directory), return that run's summary
+    (``skip_completed``); one that holds an unfinished run's last checkpoint resumes from it."""
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    earlier = read_summary(run_dir)
+    if earlier.get("status") == "completed" and cfg.get("skip_completed", True):
+        log.info("%s: already completed, skipped (skip_completed=false to train again)", run_dir)
+        return earlier
     if not (run_dir / ".hydra" / "config.yaml").exists():  # called outside the Hydra CLI
         (run_dir / ".hydra").mkdir(exist_ok=True)
         plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         OmegaConf.save(plain, run_dir / ".hydra" / "config.yaml")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.get("ckpt_path") is None and earlier and last.exists():
+        log.info("%s: resuming the unfinished run from %s", run_dir, last)
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.ckpt_path = str(last)
+    start = time.time()
+    try:
+        return _train(cfg, run_dir)
+    except BaseException as err:
+        now = read_summary(run_dir)
+        if _rank() == 0 and (now == earlier or now.get("status") == "running"):
+            # failed before fitting (building the data, model or trainer): nothing recorded yet
+            write_summary(
+                run_dir,
+                {
+                    "status": "interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
+                    "error": f"{type(err).__name__}: {err}".strip(),
+                    "choices": _choices(),
+                    "wall_time_s": time.time() - start,
+                },
+            )
+        raise
+    finally:
+        finish_wandb(failed=sys.exc_info()[0] is not None)
+
+
+def finish_wandb(failed: bool) -> None:
+    """Close this job's W&B run, so that the next job of an in-process sweep starts its own
+    (Lightning's logger would otherwise reuse the open one)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
 
@@ -109,7 +173,7 @@ def train(cfg: DictConfig) -> dict:
         gradient_clip_val=clip,
         strategy=strategy,
         callbacks=[*build_callbacks(cfg), mark],
-        logger=build_loggers(cfg, run_dir),
+        logger=build_loggers(cfg, run_dir, family_name(model)),
         plugins=[AtomicCheckpointIO()],
     )
     for lg in trainer.loggers:
@@ -182,9 +246,36 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
+def family_name(model) -> str:
+    """"GANModule" -> "gan", "VQPriorModule" -> "vqprior"."""
+    return type(model).__name__.removesuffix("Module").lower()
+
+
+def objective(cfg: DictConfig, summary: dict) -> float | None:
+    """The metric a hyperparameter sweeper minimises or maximises (``objective``: a key of
+    summary.json's metrics, e.g. val/fd_digits): NaN for a failed run, None when unset."""
+    key = cfg.get("objective")
+    if not key:
+        return None
+    metrics = summary.get("metrics") or {}
+    if summary.get("status") == "completed" and key not in metrics:
+        raise KeyError(f"objective {key!r} is not among the run's metrics: {sorted(metrics)}")
+    return float(metrics.get(key, float("nan")))
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
-    train(cfg)
+def main(cfg: DictConfig) -> float | None:
+    """In a sweep (-m), a job that fails is recorded (summary.json: status "failed" and its
+    error) and the sweep goes on; the sweep's callback reports the failures at its end."""
+    if sweep_dir() is None:
+        return objective(cfg, train(cfg))
+    try:
+        summary = train(cfg)
+    except Exception as err:  # noqa: BLE001 -- recorded, and the next job runs
+        log.error("job failed: %s: %s (recorded in %s/summary.json)",
+                  type(err).__name__, err, cfg.paths.output_dir)  # fmt: skip
+        summary = {"status": "failed"}
+    return objective(cfg, summary)
 
 
 if __name__ == "__main__":

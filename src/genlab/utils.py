@@ -27,6 +27,18 @@ def wandb_mode(requested: str | None) -> str:
     return "offline"
 
 
+def sweep_dir() -> Path | None:
+    """The sweep directory when running as a job of a Hydra multirun (-m), else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ValueError, ImportError):
+        return None
+    return Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+
+
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item") and getattr(value, "numel", lambda: 2)() == 1:
         value = value.item()

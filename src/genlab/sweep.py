@@ -1,0 +1,130 @@
+"""The end of a sweep (``python -m genlab -m ...``): one table of every job.
+
+``SweepSummary`` is a Hydra callback (conf/hydra/default.yaml). When the sweep ends it reads
+each job's run directory and writes ``<sweep dir>/sweep.json`` and ``results.csv`` (status,
+error, family, model, data, parameters, training images/s, wall time and the validation
+metrics), logs the same table to W&B as its own run in the sweep's group (offline unless
+logged in), and prints it. Jobs that failed are recorded by the jobs themselves
+(``genlab.train.main``) and the sweep goes on; at the end the callback names them and exits
+non-zero, with the command that retries only the jobs that did not complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from genlab.runs import HEADLINE, find_runs, load_run, metric_columns
+from genlab.utils import wandb_mode
+
+log = logging.getLogger("genlab")
+
+FIELDS = ["name", "status", "family", "model", "data", "parameters", "global_step",
+          "wall_time_s", "train_images_per_s", "error"]  # fmt: skip
+
+
+def sweep_table(sweep: str | Path) -> tuple[list[str], list[list]]:
+    """(columns, rows) of every job under the sweep directory."""
+    runs = [load_run(r, sweep) for r in find_runs(sweep)]
+    metrics = metric_columns(runs)
+    rows = [[r[f] for f in FIELDS] + [r["metrics"].get(m) for m in metrics] for r in runs]
+    return FIELDS + metrics, rows
+
+
+def write_table(sweep: Path, columns: list[str], rows: list[list]) -> None:
+    records = [dict(zip(columns, row)) for row in rows]
+    (sweep / "sweep.json").write_text(json.dumps({"jobs": records}, indent=2) + "\n")
+    with (sweep / "results.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows(rows)
+
+
+def log_wandb_table(config: DictConfig, sweep: Path, columns: list[str], rows: list[list]):
+    """The results table as a W&B run of its own (job_type "sweep-summary") in the sweep's
+    group, when the W&B logger is configured."""
+    conf = (config.get("logger") or {}).get("wandb")
+    if not conf:
+        return None
+    import wandb
+
+    run = wandb.init(
+        project=conf.get("project"),
+        entity=conf.get("entity"),
+        group=sweep.name,
+        job_type="sweep-summary",
+        name=f"{sweep.name}-results",
+        dir=str(sweep),
+        mode=wandb_mode(conf.get("mode")),
+        config={"sweep_dir": str(sweep), "jobs": len(rows)},
+    )
+    table = wandb.Table(columns=columns, data=[[_cell(v) for v in row] for row in rows])
+    run.log({"results": table})
+    run.summary["completed"] = sum(row[1] == "completed" for row in rows)
+    run.summary["failed"] = sum(row[1] == "failed" for row in rows)
+    run.finish()
+    return run
+
+
+def _cell(value):
+    return value if isinstance(value, int | float | str) or value is None else str(value)
+
+
+def format_table(columns: list[str], rows: list[list], width: int = 12) -> str:
+    """The table as text: the job's fields and the headline metrics the jobs have."""
+    keep = ["name", "status", "global_step", "train_images_per_s", *HEADLINE]
+    shown = [c for c in keep if c in columns][:12]
+
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    short = {"global_step": "steps", "train_images_per_s": "train img/s"}
+    first = max([len(fmt(dict(zip(columns, row))["name"])) for row in rows] + [4])
+    heads = [short.get(c, c.removeprefix("val/"))[:width].ljust(width) for c in shown[1:]]
+    lines = ["  ".join(["name".ljust(first), *heads])]
+    for row in rows:
+        record = dict(zip(columns, row))
+        name = fmt(record["name"])
+        cells = [name.ljust(first)] + [fmt(record[c])[:width].ljust(width) for c in shown[1:]]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+class SweepSummary(Callback):
+    """Args: fail_on_error: exit non-zero at the end of a sweep in which some job failed."""
+
+    def __init__(self, fail_on_error: bool = True) -> None:
+        self.fail_on_error = fail_on_error
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        if not sweep.is_dir():
+            return
+        columns, rows = sweep_table(sweep)
+        write_table(sweep, columns, rows)
+        try:
+            log_wandb_table(config, sweep, columns, rows)
+        except Exception as err:  # noqa: BLE001 -- the table is on disk either way
+            log.warning("W&B results table not logged: %s", err)
+        log.info("sweep %s: %d jobs\n%s", sweep, len(rows), format_table(columns, rows))
+        records = [dict(zip(columns, row)) for row in rows]
+        failed = [r for r in records if r["status"] != "completed"]
+        if failed and self.fail_on_error:
+            names = "; ".join(
+                f"{r['name']} ({r['status']}: {(r['error'] or '?').splitlines()[0][:200]})"
+                for r in failed
+            )
+            # Hydra turns a callback's exceptions into warnings: exit non-zero by hand
+            log.error(
+                "%d of %d jobs did not complete: %s. The others are recorded in %s; re-run the "
+                "same command with hydra.sweep.dir=%s to finish only these.",
+                len(failed), len(rows), names, sweep / "sweep.json", sweep,
+            )  # fmt: skip
+            raise SystemExit(1)
