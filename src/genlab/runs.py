@@ -144,7 +144,7 @@ def load_run(run: str | Path, root: str | Path | None = None) -> dict[str, Any]:
         "path": str(run),
         "status": status,
         "error": summary.get("error"),
-        "family": summary.get("family"),
+        "family": (summary.get("family") or "").removesuffix("Module") or None,
         "model": choices.get("model"),
         "data": choices.get("data"),
         "parameters": summary.get("parameters"),

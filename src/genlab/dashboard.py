@@ -1,0 +1,392 @@
+"""The local dashboard: one self-contained HTML page that puts runs side by side.
+
+    python -m genlab.dashboard <dir> [--out FILE]
+
+<dir> is a sweep directory (logs/train/multiruns/<time>), a single run, or any folder of
+runs. The page (default ``<dir>/dashboard.html``) needs no server and nothing from the
+network: data, sample grids (PNG as data URIs), styles and scripts are all inside it. It has
+
+- a sortable table of the runs (click a header) with status, family, training images/s,
+  wall time, parameters and every validation metric, failed runs with their errors;
+- a trade-off plot: any two columns against each other (e.g. digit Fréchet distance vs
+  training images/s or sampling images/s), one point per run;
+- metric curves from each run's metrics.csv against steps or against training time
+  (``time/train_s``, logged by the WallClock callback);
+- each run's newest sample grid (and reconstructions where there are some), side by side;
+- the configuration keys whose values differ between the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import html
+import json
+from pathlib import Path
+
+from genlab.runs import (
+    config_differences,
+    find_runs,
+    latest_images,
+    load_run,
+    lower_is_better,
+    metric_columns,
+    read_curves,
+)
+
+COLUMNS = [  # (key, header) of the run fields shown before the metrics
+    ("name", "run"),
+    ("status", "status"),
+    ("family", "family"),
+    ("data", "data"),
+    ("parameters", "params"),
+    ("global_step", "steps"),
+    ("train_images_per_s", "train img/s"),
+    ("wall_time_s", "wall s"),
+]
+IMAGE_KINDS = ("step", "recon")  # sample grids, reconstructions
+
+
+def _thin(points: list, n: int) -> list:
+    """At most n points, evenly spaced, the last one kept."""
+    if len(points) <= n:
+        return points
+    idx = sorted({round(i * (len(points) - 1) / (n - 1)) for i in range(n)})
+    return [points[i] for i in idx]
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def collect(root: str | Path, max_points: int = 300) -> dict:
+    """Everything the page shows, as one JSON-able dict."""
+    root = Path(root)
+    paths = find_runs(root)
+    if not paths:
+        raise FileNotFoundError(
+            f"no runs under {root}: expected run directories with summary.json or "
+            ".hydra/config.yaml (python -m genlab writes them)"
+        )
+    runs = [load_run(p, root) for p in paths]
+    metrics = metric_columns(runs)
+    diff_keys = config_differences(runs)
+    for run, path in zip(runs, paths):
+        run["curves"] = {
+            k: _thin(v, max_points) for k, v in read_curves(path).items() if k != "lr-Adam"
+        }
+        run["images"] = {
+            kind: {"file": str(p.relative_to(path)), "src": _data_uri(p)}
+            for kind, p in latest_images(path).items()
+            if kind in IMAGE_KINDS
+        }
+        run["config_diff"] = {k: run["config"].get(k, "—") for k in diff_keys}
+        del run["config"]
+    return {
+        "root": str(root.resolve()),
+        "generated": dt.datetime.now().isoformat(timespec="seconds"),
+        "runs": runs,
+        "metrics": metrics,
+        "lower_is_better": {m: lower_is_better(m) for m in metrics},
+        "diff_keys": diff_keys,
+    }
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    if isinstance(value, int) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def _sort_value(value) -> str:
+    return "" if value is None else html.escape(str(value), quote=True)
+
+
+def render_table(data: dict) -> str:
+    """The runs table as static HTML (sorted by the page's script on click)."""
+    heads = [h for _, h in COLUMNS] + [m.removeprefix("val/") for m in data["metrics"]]
+    keys = [k for k, _ in COLUMNS] + data["metrics"]
+    best = {}
+    for m in data["metrics"]:
+        vals = [r["metrics"][m] for r in data["runs"] if m in r["metrics"]]
+        if len(set(vals)) > 1:
+            best[m] = min(vals) if data["lower_is_better"][m] else max(vals)
+    out = ['<div class="scroll"><table id="runs"><thead><tr>']
+    for key, head in zip(keys, heads):
+        arrow = " ↓" if data["lower_is_better"].get(key) else (" ↑" if key in best else "")
+        out.append(f'<th data-key="{html.escape(key)}" title="{html.escape(key)}">'
+                   f"{html.escape(head)}{arrow}</th>")  # fmt: skip
+    out.append("</tr></thead><tbody>")
+    for run in data["runs"]:
+        status = run["status"]
+        title = f' title="{html.escape(run["error"])}"' if run.get("error") else ""
+        out.append(f'<tr class="run {html.escape(status)}" data-run="{html.escape(run["name"])}">')
+        for key in keys:
+            value = run["metrics"].get(key) if key.startswith("val/") else run.get(key)
+            cls = ' class="best"' if key in best and value == best[key] else ""
+            cell = html.escape(_fmt(value))
+            if key == "status":
+                cell = f'<span class="badge"{title}>{cell}</span>'
+            out.append(f'<td data-v="{_sort_value(value)}"{cls}>{cell}</td>')
+        out.append("</tr>")
+    out.append("</tbody></table></div>")
+    errors = [r for r in data["runs"] if r.get("error")]
+    if errors:
+        out.append('<ul class="errors">')
+        for r in errors:
+            out.append(f"<li><b>{html.escape(r['name'])}</b>: {html.escape(r['error'])}</li>")
+        out.append("</ul>")
+    return "".join(out)
+
+
+def render_samples(data: dict) -> str:
+    cards = []
+    for run in data["runs"]:
+        imgs = "".join(
+            f'<figure><img alt="{html.escape(run["name"])} {kind}" src="{img["src"]}">'
+            f"<figcaption>{html.escape(img['file'])}</figcaption></figure>"
+            for kind, img in run["images"].items()
+        )
+        if not imgs:
+            imgs = '<p class="none">no sample grid</p>'
+        cards.append(f'<div class="card"><h3>{html.escape(run["name"])}</h3>{imgs}</div>')
+    return '<div class="cards">' + "".join(cards) + "</div>"
+
+
+def render_config(data: dict) -> str:
+    out = ['<div class="scroll"><table id="config"><thead><tr><th>key</th>']
+    out += [f"<th>{html.escape(r['name'])}</th>" for r in data["runs"]]
+    out.append("</tr></thead><tbody><tr><td><b>command-line overrides</b></td>")
+    out += [f"<td>{html.escape(' '.join(r['overrides']))}</td>" for r in data["runs"]]
+    out.append("</tr>")
+    for key in data["diff_keys"]:
+        out.append(f"<tr><td>{html.escape(key)}</td>")
+        out += [f"<td>{html.escape(str(r['config_diff'][key]))}</td>" for r in data["runs"]]
+        out.append("</tr>")
+    out.append("</tbody></table></div>")
+    if not data["diff_keys"]:
+        out.append("<p>Apart from these, the runs' configurations are identical.</p>")
+    return "".join(out)
+
+
+STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:20px;color:#222}
+h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:24px 0 8px}
+.meta{color:#666;font-size:12px}
+table{border-collapse:collapse;font-size:12px}
+th,td{border:1px solid #ddd;padding:3px 6px;text-align:right;white-space:nowrap}
+td:first-child,th:first-child{text-align:left}
+#runs th{cursor:pointer;background:#f4f4f4;position:sticky;top:0}
+#runs th.asc::after{content:" ▲"}#runs th.desc::after{content:" ▼"}
+tr.failed td{background:#fdecec}tr.completed .badge{color:#17692b}
+tr.failed .badge,tr.interrupted .badge{color:#b3261e;font-weight:600}
+td.best{font-weight:700;background:#eaf6ea}
+.errors{color:#b3261e;font-size:12px}
+.scroll{overflow-x:auto;max-width:100%}
+#config td{text-align:left;max-width:360px;white-space:normal;word-break:break-all}
+.row{display:flex;gap:16px;flex-wrap:wrap;align-items:flex-start}
+.panel{border:1px solid #ddd;padding:8px}
+select,label{font-size:12px;margin-right:8px}
+svg text{font-size:10px;fill:#444}svg .axis{stroke:#999}
+.legend span{display:inline-block;margin-right:10px;font-size:12px}
+.legend i{display:inline-block;width:10px;height:10px;margin-right:3px}
+.cards{display:flex;flex-wrap:wrap;gap:12px}
+.card{border:1px solid #ddd;padding:6px;max-width:420px}
+.card h3{font-size:13px;margin:0 0 4px}
+figure{margin:0 0 6px}figure img{max-width:400px;image-rendering:pixelated;display:block}
+figcaption{font-size:11px;color:#666}.none{color:#999}
+"""
+
+SCRIPT = r"""
+const DATA = JSON.parse(document.getElementById('data').textContent);
+const COLORS = ['#1f77b4','#d62728','#2ca02c','#ff7f0e','#9467bd','#8c564b','#e377c2',
+  '#7f7f7f','#bcbd22','#17becf'];
+const color = i => COLORS[i % COLORS.length];
+const NS = 'http://www.w3.org/2000/svg';
+function el(tag, attrs, parent) {
+  const e = document.createElementNS(NS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  if (parent) parent.appendChild(e);
+  return e;
+}
+function fmt(v) { return Math.abs(v) >= 1e4 || (Math.abs(v) < 1e-2 && v !== 0)
+  ? v.toExponential(2) : (+v.toPrecision(4)).toString(); }
+
+// sortable table
+document.querySelectorAll('#runs th').forEach((th, col) => {
+  th.addEventListener('click', () => {
+    const body = document.querySelector('#runs tbody');
+    const asc = !th.classList.contains('asc');
+    document.querySelectorAll('#runs th').forEach(h => h.classList.remove('asc', 'desc'));
+    th.classList.add(asc ? 'asc' : 'desc');
+    const rows = Array.from(body.rows);
+    rows.sort((a, b) => {
+      const x = a.cells[col].dataset.v, y = b.cells[col].dataset.v;
+      if (x === '' && y !== '') return 1;
+      if (y === '' && x !== '') return -1;
+      const nx = parseFloat(x), ny = parseFloat(y);
+      const c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y, undefined, {numeric: true});
+      return asc ? c : -c;
+    });
+    rows.forEach(r => body.appendChild(r));
+  });
+});
+
+// one chart: series [{name, color, points: [[x, y], ...]}]
+function chart(svg, series, xlabel, ylabel, lines, logy) {
+  svg.innerHTML = '';
+  const W = +svg.getAttribute('width'), H = +svg.getAttribute('height');
+  const m = {l: 60, r: 10, t: 10, b: 36};
+  if (logy) series = series.map(s => ({...s, points: s.points.filter(p => p[1] > 0)
+    .map(p => [p[0], Math.log10(p[1])])}));
+  const pts = series.flatMap(s => s.points);
+  if (!pts.length) { el('text', {x: W / 2 - 40, y: H / 2}, svg).textContent = 'no data'; return 0; }
+  let [x0, x1] = [Math.min(...pts.map(p => p[0])), Math.max(...pts.map(p => p[0]))];
+  let [y0, y1] = [Math.min(...pts.map(p => p[1])), Math.max(...pts.map(p => p[1]))];
+  if (x0 === x1) { x0 -= 1; x1 += 1; } if (y0 === y1) { y0 -= 1; y1 += 1; }
+  const X = x => m.l + (x - x0) / (x1 - x0) * (W - m.l - m.r);
+  const Y = y => H - m.b - (y - y0) / (y1 - y0) * (H - m.t - m.b);
+  el('line', {x1: m.l, y1: H - m.b, x2: W - m.r, y2: H - m.b, class: 'axis'}, svg);
+  el('line', {x1: m.l, y1: m.t, x2: m.l, y2: H - m.b, class: 'axis'}, svg);
+  for (let i = 0; i <= 4; i++) {
+    const xv = x0 + (x1 - x0) * i / 4, yv = y0 + (y1 - y0) * i / 4;
+    el('text', {x: X(xv) - 12, y: H - m.b + 12}, svg).textContent = fmt(xv);
+    el('text', {x: 4, y: Y(yv) + 3}, svg).textContent = logy ? fmt(10 ** yv) : fmt(yv);
+  }
+  el('text', {x: W / 2 - 30, y: H - 4}, svg).textContent = xlabel;
+  el('text', {x: m.l + 4, y: m.t + 10}, svg).textContent = ylabel;
+  let drawn = 0;
+  series.forEach(s => {
+    if (!s.points.length) return;
+    if (lines) {
+      const d = s.points.map((p, i) => (i ? 'L' : 'M') + X(p[0]).toFixed(1) + ' ' + Y(p[1]).toFixed(1)).join(' ');
+      el('path', {d, fill: 'none', stroke: s.color, 'stroke-width': 1.5, class: 'curve'}, svg);
+    } else {
+      s.points.forEach(p => {
+        el('circle', {cx: X(p[0]), cy: Y(p[1]), r: 5, fill: s.color, class: 'point'}, svg);
+        el('text', {x: X(p[0]) + 7, y: Y(p[1]) + 3}, svg).textContent = s.name;
+      });
+    }
+    drawn++;
+  });
+  return drawn;
+}
+function legend(div) {
+  div.innerHTML = DATA.runs.map((r, i) =>
+    `<span><i style="background:${color(i)}"></i>${r.name}</span>`).join('');
+}
+
+// metric curves
+const curveKeys = [...new Set(DATA.runs.flatMap(r => Object.keys(r.curves)))].sort(
+  (a, b) => (b.startsWith('val/') - a.startsWith('val/')) || a.localeCompare(b));
+const curveSel = document.getElementById('curve-metric'), xSel = document.getElementById('curve-x');
+curveKeys.forEach(k => curveSel.add(new Option(k, k)));
+const firstVal = curveKeys.find(k => k === 'train/loss') || curveKeys[0];
+if (firstVal) curveSel.value = firstVal;
+function drawCurves() {
+  const key = curveSel.value, byTime = xSel.value === 'time';
+  const series = DATA.runs.map((r, i) => ({name: r.name, color: color(i),
+    points: (r.curves[key] || []).filter(p => !byTime || p[1] !== null)
+      .map(p => [byTime ? p[1] : p[0], p[2]])}));
+  const n = chart(document.getElementById('curves'), series,
+    byTime ? 'training time (s)' : 'step', key || '', true, logBox.checked);
+  document.body.dataset.curves = n;
+}
+const logBox = document.getElementById('curve-log');
+[curveSel, xSel, logBox].forEach(e => e.addEventListener('change', drawCurves));
+legend(document.getElementById('curve-legend'));
+
+// trade-off scatter
+const numeric = ['train_images_per_s', 'wall_time_s', 'parameters', 'global_step', ...DATA.metrics];
+const value = (r, k) => k.startsWith('val/') ? r.metrics[k] : r[k];
+const sx = document.getElementById('trade-x'), sy = document.getElementById('trade-y');
+numeric.forEach(k => { sx.add(new Option(k, k)); sy.add(new Option(k, k)); });
+sx.value = numeric.includes('val/sample_img_per_s') ? 'val/sample_img_per_s' : 'train_images_per_s';
+sy.value = ['val/fid', 'val/fd_digits'].find(k => numeric.includes(k)) || numeric[0];
+function drawTrade() {
+  const series = DATA.runs.map((r, i) => ({name: r.name, color: color(i),
+    points: (value(r, sx.value) != null && value(r, sy.value) != null)
+      ? [[value(r, sx.value), value(r, sy.value)]] : []}));
+  document.body.dataset.points = chart(document.getElementById('trade'), series, sx.value, sy.value, false);
+}
+sx.addEventListener('change', drawTrade); sy.addEventListener('change', drawTrade);
+
+drawCurves(); drawTrade();
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  document.body.dataset.imagesLoaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.ready = '1';
+});
+"""
+
+
+def render(data: dict) -> str:
+    runs = data["runs"]
+    done = sum(r["status"] == "completed" for r in runs)
+    payload = json.dumps(data).replace("</", "<\\/")
+    title = f"genlab: {Path(data['root']).name}"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{STYLE}</style></head>
+<body data-runs="{len(runs)}">
+<h1>{html.escape(title)}</h1>
+<div class="meta">{html.escape(data["root"])} · {len(runs)} runs, {done} completed ·
+generated {html.escape(data["generated"])} by <code>python -m genlab.dashboard</code></div>
+<h2>Runs</h2>
+<div class="meta">Click a header to sort; ↓ lower is better, ↑ higher is better; the best value
+of each metric is bold.</div>
+{render_table(data)}
+<div class="row">
+<div class="panel"><h2>Trade-offs</h2>
+<label>x <select id="trade-x"></select></label><label>y <select id="trade-y"></select></label><br>
+<svg id="trade" width="560" height="360"></svg></div>
+<div class="panel"><h2>Curves</h2>
+<label>metric <select id="curve-metric"></select></label>
+<label>against <select id="curve-x"><option value="step">steps</option>
+<option value="time">training time</option></select></label>
+<label><input type="checkbox" id="curve-log"> log y</label><br>
+<svg id="curves" width="560" height="360"></svg><div class="legend" id="curve-legend"></div></div>
+</div>
+<h2>Samples</h2>
+{render_samples(data)}
+<h2>Configuration differences</h2>
+{render_config(data)}
+<script id="data" type="application/json">{payload}</script>
+<script>{SCRIPT}</script>
+</body></html>
+"""
+
+
+def build(root: str | Path, out: str | Path | None = None, max_points: int = 300) -> Path:
+    """Write the dashboard of the runs under root; returns the HTML file's path."""
+    data = collect(root, max_points)
+    out = Path(out) if out is not None else Path(root) / "dashboard.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text(render(data), encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m genlab.dashboard", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("dir", help="a sweep directory, a run, or a folder of runs")
+    parser.add_argument("--out", help="the HTML file (default: <dir>/dashboard.html)")
+    parser.add_argument("--max-points", type=int, default=300, help="per curve")
+    args = parser.parse_args(argv)
+    try:
+        path = build(args.dir, args.out, args.max_points)
+    except FileNotFoundError as err:
+        parser.exit(2, f"genlab.dashboard: {err}\n")
+    print(f"wrote {path} (open it in a browser: file://{path.resolve()})")
+
+
+if __name__ == "__main__":
+    main()
