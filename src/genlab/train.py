@@ -150,7 +150,23 @@ def finish_wandb(failed: bool) -> None:
         wandb.finish(exit_code=1 if failed else 0)
 
 
+def apply_per_model(cfg: DictConfig) -> DictConfig:
+    """Merge ``per_model.<model choice>`` into ``model``: an experiment that runs several
+    families (``experiment=compare_celeba model=gan,diffusion``) sizes each one there. The
+    merged config is what .hydra/resolved_model.yaml records."""
+    per_model, choice = cfg.get("per_model"), _choices().get("model")
+    if not per_model or choice not in per_model:
+        return cfg
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.model = OmegaConf.merge(cfg.model, per_model[choice])
+    return cfg
+
+
 def _train(cfg: DictConfig, run_dir: Path) -> dict:
+    cfg = apply_per_model(cfg)
+    if cfg.get("per_model"):
+        OmegaConf.save(cfg.model, run_dir / ".hydra" / "resolved_model.yaml")
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
 
