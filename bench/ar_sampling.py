@@ -41,7 +41,9 @@ def timed(module, n: int, fast: bool) -> tuple[torch.Tensor, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["pixelcnn", "gated_pixelcnn", "pixelcnn_pp"])
+    parser.add_argument(
+        "--models", nargs="+", default=["pixelcnn", "gated_pixelcnn", "pixelcnn_pp"]
+    )
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="bench/results/ar_sampling.json")

@@ -21,7 +21,11 @@ from .conftest import REPO, SHARED, TINY_METRICS, group_options, logged, run_cli
 GAN_PRESETS = {"gan", "wgan_gp", "sngan"}
 VAE_PRESETS = {"vae", "beta_vae", "cvae"}
 NO_PRIOR = {"vqvae"}  # reconstructs, but cannot sample without a prior over its codes
-CACHED = {"pixelcnn", "gated_pixelcnn", "pixelcnn_pp"}  # cached samplers never run the whole network
+CACHED = {
+    "pixelcnn",
+    "gated_pixelcnn",
+    "pixelcnn_pp",
+}  # cached samplers never run the whole network
 
 
 # presets that need a finished run of another preset: trained in their own tests

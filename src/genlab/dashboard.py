@@ -74,7 +74,7 @@ def collect(root: str | Path, max_points: int = 300) -> dict:
     diff_keys = config_differences(runs)
     for run, path in zip(runs, paths):
         run["curves"] = {
-            k: _thin(v, max_points) for k, v in read_curves(path).items() if k != "lr-Adam"
+            k: _thin(v, max_points) for k, v in read_curves(path).items() if not k.startswith("lr-")
         }
         run["images"] = {
             kind: {"file": str(p.relative_to(path)), "src": _data_uri(p)}

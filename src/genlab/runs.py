@@ -43,7 +43,9 @@ def find_runs(root: str | Path) -> list[Path]:
     .hydra/config.yaml, in natural order (job 2 before job 10)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a directory: give a run, a sweep or a folder of runs")
+        raise FileNotFoundError(
+            f"{root} is not a directory: give a run, a sweep or a folder of runs"
+        )
     found = set()
     for marker in ("summary.json", ".hydra/config.yaml"):
         for path in root.rglob(marker):
@@ -173,8 +175,7 @@ def config_differences(runs: list[dict]) -> list[str]:
     return [
         k
         for k in keys
-        if not k.startswith(skip)
-        and len({repr(r["config"].get(k, "—")) for r in runs}) > 1
+        if not k.startswith(skip) and len({repr(r["config"].get(k, "—")) for r in runs}) > 1
     ]
 
 

@@ -3,6 +3,8 @@ evaluation -> summary.json. ``python -m genlab`` runs ``main``; tests call ``tra
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -101,14 +103,28 @@ def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
 
 
+NOT_HASHED = ("hydra", "paths", "ckpt_path", "skip_completed")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A fingerprint of what a run trains (the config without paths, resume and Hydra keys):
+    a run directory is continued or skipped only by a run with the same fingerprint."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    kept = {k: v for k, v in plain.items() if k not in NOT_HASHED}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def train(cfg: DictConfig) -> dict:
-    """Train, evaluate and write summary.json. In a run directory that already holds a
-    completed run (a sweep re-run into its directory), return that run's summary
-    (``skip_completed``); one that holds an unfinished run's last checkpoint resumes from it."""
+    """Train, evaluate and write summary.json. A run directory that already holds a completed
+    run of the same config (a sweep re-run into its directory) is skipped and its summary
+    returned (``skip_completed``); one that holds an unfinished run of the same config resumes
+    from its last checkpoint."""
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = config_hash(cfg)
     earlier = read_summary(run_dir)
-    if earlier.get("status") == "completed" and cfg.get("skip_completed", True):
+    same = earlier.get("config_hash") == fingerprint
+    if same and earlier.get("status") == "completed" and cfg.get("skip_completed", True):
         log.info("%s: already completed, skipped (skip_completed=false to train again)", run_dir)
         return earlier
     if not (run_dir / ".hydra" / "config.yaml").exists():  # called outside the Hydra CLI
@@ -116,14 +132,14 @@ def train(cfg: DictConfig) -> dict:
         plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         OmegaConf.save(plain, run_dir / ".hydra" / "config.yaml")
     last = run_dir / "checkpoints" / "last.ckpt"
-    if cfg.get("ckpt_path") is None and earlier and last.exists():
+    if cfg.get("ckpt_path") is None and same and last.exists():
         log.info("%s: resuming the unfinished run from %s", run_dir, last)
         cfg = cfg.copy()
         with open_dict(cfg):
             cfg.ckpt_path = str(last)
     start = time.time()
     try:
-        return _train(cfg, run_dir)
+        return _train(cfg, run_dir, fingerprint)
     except BaseException as err:
         now = read_summary(run_dir)
         if _rank() == 0 and (now == earlier or now.get("status") == "running"):
@@ -134,6 +150,7 @@ def train(cfg: DictConfig) -> dict:
                     "status": "interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
                     "error": f"{type(err).__name__}: {err}".strip(),
                     "choices": _choices(),
+                    "config_hash": fingerprint,
                     "wall_time_s": time.time() - start,
                 },
             )
@@ -163,7 +180,7 @@ def apply_per_model(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> dict:
+def _train(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
     cfg = apply_per_model(cfg)
     if cfg.get("per_model"):
         OmegaConf.save(cfg.model, run_dir / ".hydra" / "resolved_model.yaml")
@@ -205,6 +222,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "world_size": trainer.world_size,
         "resumed_from": cfg.get("ckpt_path"),
+        "config_hash": fingerprint,
         "protocol": protocol(cfg, model, datamodule),
     }
     if trainer.is_global_zero:
@@ -263,7 +281,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def family_name(model) -> str:
-    """"GANModule" -> "gan", "VQPriorModule" -> "vqprior"."""
+    """ "GANModule" -> "gan", "VQPriorModule" -> "vqprior"."""
     return type(model).__name__.removesuffix("Module").lower()
 
 

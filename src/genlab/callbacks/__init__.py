@@ -1,7 +1,7 @@
 """Lightning callbacks that reach a family only through its public contract."""
 
-from genlab.callbacks.clock import WallClock
 from genlab.callbacks.checkpoint import AtomicCheckpointIO, LastCheckpoint, atomic_torch_save
+from genlab.callbacks.clock import WallClock
 from genlab.callbacks.evaluation import Evaluation
 from genlab.callbacks.interpolation import LatentInterpolation, LatentTraversal
 from genlab.callbacks.reconstruction import Reconstructions
