@@ -238,12 +238,14 @@ document.querySelectorAll('#runs th').forEach((th, col) => {
 });
 
 // one chart: series [{name, color, points: [[x, y], ...]}]
-function chart(svg, series, xlabel, ylabel, lines, logy) {
+function chart(svg, series, xlabel, ylabel, lines, logy, logx) {
   svg.innerHTML = '';
   const W = +svg.getAttribute('width'), H = +svg.getAttribute('height');
-  const m = {l: 60, r: 10, t: 10, b: 36};
+  const m = {l: 60, r: lines ? 10 : 110, t: 10, b: 36};
   if (logy) series = series.map(s => ({...s, points: s.points.filter(p => p[1] > 0)
     .map(p => [p[0], Math.log10(p[1])])}));
+  if (logx) series = series.map(s => ({...s, points: s.points.filter(p => p[0] > 0)
+    .map(p => [Math.log10(p[0]), p[1]])}));
   const pts = series.flatMap(s => s.points);
   if (!pts.length) { el('text', {x: W / 2 - 40, y: H / 2}, svg).textContent = 'no data'; return 0; }
   let [x0, x1] = [Math.min(...pts.map(p => p[0])), Math.max(...pts.map(p => p[0]))];
@@ -255,7 +257,7 @@ function chart(svg, series, xlabel, ylabel, lines, logy) {
   el('line', {x1: m.l, y1: m.t, x2: m.l, y2: H - m.b, class: 'axis'}, svg);
   for (let i = 0; i <= 4; i++) {
     const xv = x0 + (x1 - x0) * i / 4, yv = y0 + (y1 - y0) * i / 4;
-    el('text', {x: X(xv) - 12, y: H - m.b + 12}, svg).textContent = fmt(xv);
+    el('text', {x: X(xv) - 12, y: H - m.b + 12}, svg).textContent = logx ? fmt(10 ** xv) : fmt(xv);
     el('text', {x: 4, y: Y(yv) + 3}, svg).textContent = logy ? fmt(10 ** yv) : fmt(yv);
   }
   el('text', {x: W / 2 - 30, y: H - 4}, svg).textContent = xlabel;
@@ -312,9 +314,11 @@ function drawTrade() {
   const series = DATA.runs.map((r, i) => ({name: r.name, color: color(i),
     points: (value(r, sx.value) != null && value(r, sy.value) != null)
       ? [[value(r, sx.value), value(r, sy.value)]] : []}));
-  document.body.dataset.points = chart(document.getElementById('trade'), series, sx.value, sy.value, false);
+  document.body.dataset.points = chart(document.getElementById('trade'), series,
+    sx.value + (logx.checked ? ' (log)' : ''), sy.value, false, false, logx.checked);
 }
-sx.addEventListener('change', drawTrade); sy.addEventListener('change', drawTrade);
+const logx = document.getElementById('trade-logx');
+[sx, sy, logx].forEach(e => e.addEventListener('change', drawTrade));
 
 drawCurves(); drawTrade();
 window.addEventListener('load', () => {
@@ -343,13 +347,14 @@ of each metric is bold.</div>
 {render_table(data)}
 <div class="row">
 <div class="panel"><h2>Trade-offs</h2>
-<label>x <select id="trade-x"></select></label><label>y <select id="trade-y"></select></label><br>
+<label>x <select id="trade-x"></select></label><label>y <select id="trade-y"></select></label>
+<label><input type="checkbox" id="trade-logx" checked> log x</label><br>
 <svg id="trade" width="560" height="360"></svg></div>
 <div class="panel"><h2>Curves</h2>
 <label>metric <select id="curve-metric"></select></label>
 <label>against <select id="curve-x"><option value="step">steps</option>
 <option value="time">training time</option></select></label>
-<label><input type="checkbox" id="curve-log"> log y</label><br>
+<label><input type="checkbox" id="curve-log" checked> log y</label><br>
 <svg id="curves" width="560" height="360"></svg><div class="legend" id="curve-legend"></div></div>
 </div>
 <h2>Samples</h2>
