@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
+from hydra.types import RunMode
+from omegaconf import OmegaConf, read_write
 
 from genlab import dashboard
 from genlab.runs import find_runs, latest_images, read_curves
@@ -34,6 +35,7 @@ def sweep_args(root: Path, models: list[str], *extra: str) -> list[str]:
         f"model={','.join(models)}",
         *TINY,
         "metrics.num_samples=8",
+        "callbacks.sample_grid.every_n_steps=4",  # one grid, at the end (PixelRNN is slow)
         f"paths.log_dir={root / 'logs'}",
         f"paths.cache_dir={root / 'cache'}",
         f"hydra.searchpath=[file://{root / 'extra'}]",
@@ -84,7 +86,7 @@ def test_sweep_records_the_failure_and_completes_the_rest(tiny_sweep):
 
 def test_rerun_finishes_only_the_jobs_that_did_not_complete(tmp_path):
     broken_preset(tmp_path)
-    args = sweep_args(tmp_path, ["gan", "broken"], "~callbacks.sample_grid", "metrics=none")
+    args = sweep_args(tmp_path, ["gan", "broken"], "~callbacks.sample_grid", "metrics.at_end=false")
     first = run_cli(args, cwd=tmp_path, check=False)
     assert first.returncode == 1
     sweep = tmp_path / "multirun"
@@ -201,7 +203,7 @@ def test_wandb_groups_a_sweep_and_logs_a_results_table(tmp_path):
 
     broken_preset(tmp_path)
     args = sweep_args(tmp_path, ["gan", "vae"], "logger=wandb", "~callbacks.sample_grid",
-                      "metrics=none")  # fmt: skip
+                      "metrics.at_end=false")  # fmt: skip
     run_cli(args, cwd=tmp_path, env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)})
     sweep = tmp_path / "multirun"
     fields = pb.RunRecord.DESCRIPTOR.fields_by_name
@@ -225,16 +227,18 @@ def test_wandb_groups_a_sweep_and_logs_a_results_table(tmp_path):
 
 
 def test_wandb_settings_group_name_and_tags(tmp_path):
-    cfg = compose_cfg(
-        ["logger=wandb", "hydra.sweep.dir=/x/multiruns/2026-01-01_00-00-00"], tmp_path
-    )
+    cfg = compose_cfg(["logger=wandb", "hydra.sweep.dir=/x/multiruns/2026-01-01_00-00-00"],
+                      tmp_path)  # fmt: skip
     conf = cfg.logger.wandb
     assert wandb_settings(conf, tmp_path / "run", "gan")["tags"][-1] == "family:gan"
     assert "group" not in wandb_settings(conf, tmp_path / "run", "gan")  # a single run
-    hc = cfg.hydra.copy()
-    hc.mode = "MULTIRUN"
-    HydraConfig.instance().set_config(OmegaConf.create({"hydra": hc}))
-    extra = wandb_settings(conf, tmp_path / "3_gan_mnist", "gan")
+    with read_write(cfg.hydra):
+        cfg.hydra.mode = RunMode.MULTIRUN
+    HydraConfig.instance().set_config(cfg)
+    try:
+        extra = wandb_settings(conf, tmp_path / "3_gan_mnist", "gan")
+    finally:
+        compose_cfg([], tmp_path)  # back to a single run for the tests that follow
     assert extra["group"] == "2026-01-01_00-00-00" and extra["name"] == "3_gan_mnist"
 
 
@@ -278,10 +282,11 @@ def test_optuna_sweep_runs_trials_and_returns_the_objective(tmp_path):
     assert len(values) == 2 and result.best_value == pytest.approx(min(values), rel=1e-6)
 
 
+@pytest.mark.slow  # 2 worker processes that each import torch: ~30 s
 def test_joblib_launcher_runs_a_sweep(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     args = sweep_args(tmp_path, ["gan", "vae"], "hydra/launcher=local_parallel",
-                      "~callbacks.sample_grid", "metrics=none")  # fmt: skip
+                      "~callbacks.sample_grid")  # fmt: skip
     run_cli(args, cwd=tmp_path)
     jobs = json.loads((tmp_path / "multirun" / "sweep.json").read_text())["jobs"]
     assert [j["status"] for j in jobs] == ["completed", "completed"]
