@@ -2,12 +2,14 @@
 
     python -m genlab.sample run_dir=<run> [n=64] [ckpt=last] [seed=0] [ema=true] [steps=50]
                             [label=3] [mean=true] [device=auto] [out=<path without extension>]
+                            [guidance=<conf/guidance option> guidance.<key>=<value> ...]
 
 Rebuilds the model from ``<run>/.hydra/config.yaml``, loads ``<run>/checkpoints/<ckpt>.ckpt``
 (``weights_only=True``), and writes ``<out>.png`` (a grid) and ``<out>.pt`` (uint8 images
 (n, C, H, W), labels, and the settings used).
 Default ``out``: ``<run>/samples/sample_<ckpt>_s<seed>``. ``mean`` (VAEs): the decoder's mean
-image (true, default) or pixels drawn from p(x | z) (false).
+image (true, default) or pixels drawn from p(x | z) (false). ``guidance`` (default: the run's
+own) picks a ``conf/guidance`` option, e.g. ``guidance=cfg guidance.scale=3``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from omegaconf import OmegaConf
 
 from genlab.callbacks.samples import class_grid
 from genlab.data.convert import save_grid, to_uint8
+from genlab.guidance import GuidanceError, attach, build_guidance
 from genlab.metrics.protocol import accepts
+from genlab.utils import CONF_DIR
 
 
 class UsageError(SystemExit):
@@ -44,18 +48,56 @@ def load_model(run_dir: str | Path, ckpt: str = "last", device: str = "cpu"):
     return model.to(device).eval(), cfg, state.get("global_step")
 
 
+def guidance_config(argv: list[str]) -> tuple[list[str], object]:
+    """Split ``guidance=<option>`` and ``guidance.<key>=<value>`` off the arguments; returns
+    the other arguments and the chosen guidance config (None: none was given)."""
+    rest, choice, overrides = [], None, []
+    for arg in argv:
+        if arg.startswith("guidance="):
+            choice = arg.split("=", 1)[1]
+        elif arg.startswith("guidance."):
+            overrides.append(arg.removeprefix("guidance."))
+        else:
+            rest.append(arg)
+    conf = None
+    if choice is not None:
+        path = CONF_DIR / "guidance" / f"{choice}.yaml"
+        if not path.exists():
+            options = sorted(p.stem for p in path.parent.glob("*.yaml"))
+            raise UsageError(f"guidance={choice} is not an option: one of {', '.join(options)}")
+        conf = OmegaConf.load(path)
+    if overrides:
+        if conf is None or "_target_" not in conf:
+            raise UsageError(
+                f"{overrides[0]!r} given without guidance=<option> (e.g. guidance=cfg)"
+            )
+        conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(overrides))
+    return rest, conf
+
+
 def main(argv: list[str] | None = None) -> dict:
-    args = OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, guidance_conf = guidance_config(argv)
+    args = OmegaConf.from_dotlist(argv)
     if "run_dir" not in args:
         raise UsageError(
             "usage: python -m genlab.sample run_dir=<run> [n=64] [ckpt=last] [seed=0] "
-            "[ema=true] [steps=N] [label=K] [mean=true] [device=auto] [out=<path>]"
+            "[ema=true] [steps=N] [label=K] [mean=true] [device=auto] [out=<path>] "
+            "[guidance=cfg guidance.scale=S]"
         )
     device = args.get("device", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     ckpt = str(args.get("ckpt", "last"))
     model, cfg, step = load_model(args.run_dir, ckpt, device)
+    if guidance_conf is None:
+        guidance_conf = cfg.get("guidance")  # the run's own
+    try:
+        guidance = build_guidance(guidance_conf)
+        if guidance is not None:
+            attach(model, guidance)
+    except GuidanceError as err:
+        raise UsageError(str(err)) from None
     if not getattr(model, "can_sample", True):
         raise UsageError(
             f"{type(model).__name__} in {args.run_dir} cannot sample on its own (it has no "
@@ -90,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         "use_ema": opts.get("use_ema", True),
         "steps": opts.get("steps"),
         "mean": opts.get("mean"),
+        "guidance": None if guidance is None else guidance.protocol(),
     }
     torch.save({"images": to_uint8(images).cpu(), **info}, out.with_suffix(".pt"))
     print(f"wrote {png} and {out.with_suffix('.pt')}")

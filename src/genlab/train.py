@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from genlab.callbacks.checkpoint import AtomicCheckpointIO
 from genlab.callbacks.evaluation import Evaluation
+from genlab.guidance import attach, build_guidance
 from genlab.metrics.protocol import sampling_protocol
 from genlab.utils import CONF_DIR, read_summary, sweep_dir, wandb_mode, write_summary
 
@@ -189,6 +190,9 @@ def _train(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
+    guidance = build_guidance(cfg.get("guidance"))
+    if guidance is not None:  # sample grids and the evaluation then sample guided
+        attach(model, guidance)
     marks: dict = {}  # step at which fitting started (non-zero when resuming), for images/s
     mark = L.pytorch.callbacks.LambdaCallback(
         on_train_start=lambda tr, pl: marks.update(step=tr.global_step, time=time.time())
@@ -281,7 +285,7 @@ def _train(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
 
 
 def family_name(model) -> str:
-    """ "GANModule" -> "gan", "VQPriorModule" -> "vqprior"."""
+    """The family as a W&B tag: GANModule -> gan, VQPriorModule -> vqprior."""
     return type(model).__name__.removesuffix("Module").lower()
 
 

@@ -79,6 +79,7 @@ class DiffusionModule(RNGCheckpointMixin, L.LightningModule):
         self.variance = variance
         self.bpd_timesteps = bpd_timesteps
         self.sample_batch_size = sample_batch_size
+        self.guidance = None  # genlab.guidance.attach: wraps the denoiser when sampling
 
     # ------------------------------------------------------------------ training
     def _labels(self, y: torch.Tensor | None, drop: bool) -> torch.Tensor | None:
@@ -162,7 +163,10 @@ class DiffusionModule(RNGCheckpointMixin, L.LightningModule):
             opts = {"generator": generator, "progress": progress}
             if steps is not None:
                 opts["steps"] = steps
-            out.append(self.sampler(self.denoiser(labels, use_ema), x_T, self.schedule, **opts))
+            denoise = self.denoiser(labels, use_ema)
+            if self.guidance is not None:
+                denoise = self.guidance.wrap(self, denoise, labels, use_ema)
+            out.append(self.sampler(denoise, x_T, self.schedule, **opts))
         self.train(was_training)
         return torch.cat(out).clamp(-1, 1)
 

@@ -32,7 +32,16 @@ def count_rows(module: torch.nn.Module | None) -> Iterator[list[int]]:
 
 def sampling_protocol(model) -> dict | None:
     """How the family samples: ``model.sampling_protocol()`` if it has one, else the name and
-    keyword arguments of a partial ``model.sampler`` (e.g. ddim, steps=50, eta=0.0)."""
+    keyword arguments of a partial ``model.sampler`` (e.g. ddim, steps=50, eta=0.0); with the
+    attached guidance's settings under "guidance"."""
+    described = _sampler_protocol(model)
+    guidance = getattr(model, "guidance", None)
+    if guidance is not None:
+        described = {**(described or {}), "guidance": guidance.protocol()}
+    return described
+
+
+def _sampler_protocol(model) -> dict | None:
     if hasattr(model, "sampling_protocol"):
         return model.sampling_protocol()
     sampler = getattr(model, "sampler", None)
