@@ -55,6 +55,8 @@ LONG_PROMPTS = ("truncate", "error")
 LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
+# models that ship with genlab (open_clip folders): name -> folder
+BUNDLED = {"genlab-digits": Path(__file__).parent / "weights" / "digits_clip"}
 
 
 # ------------------------------------------------------------------ loading
@@ -68,7 +70,9 @@ def load_clip(
 ) -> tuple[nn.Module, Any, dict]:
     """An open_clip model, its tokenizer and what a protocol records about it.
 
-    ``model`` is an open_clip name ("ViT-B-32"), ``local-dir:<dir>`` or a plain path to such a
+    ``model`` is an open_clip name ("ViT-B-32"), ``genlab-digits`` (the domain CLIP for digits
+    that ships with genlab, trained by ``genlab.metrics.train_clip``), ``local-dir:<dir>`` or a
+    plain path to such a
     directory (``open_clip_config.json`` with ``model_cfg``/``preprocess_cfg`` and a weights file,
     as in a hf-hub open_clip repo). ``pretrained`` is an open_clip tag ("openai",
     "laion2b_s34b_b79k") or a weights file for a built-in name, and is ignored for a directory.
@@ -86,6 +90,8 @@ def load_clip(
     ``pretrained`` for a built-in name raises too, unless ``allow_random`` (tests only).
     """
     model = str(model)
+    if model in BUNDLED:  # genlab's domain CLIP for digits (genlab.metrics.train_clip)
+        return _load_local_dir(BUNDLED[model], device)
     if model.startswith(HF_HUB):
         raise ValueError(
             f"CLIP model {model}: hf-hub models are not downloaded by genlab; download the repo "
