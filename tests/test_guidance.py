@@ -12,11 +12,14 @@ import torch
 from hydra.utils import instantiate
 
 from genlab.guidance import ClassifierFree, GuidanceError, attach, build_guidance
+from genlab.guidance.clip import ClipGuidance, prompt_schedule
+from genlab.metrics.common import WeightsNotFoundError
+from genlab.metrics.protocol import sampling_protocol
 from genlab.sample import UsageError
 from genlab.sample import main as sample_main
 from genlab.train import train
 
-from .conftest import compose_cfg
+from .conftest import SHARED, compose_cfg
 
 
 def conditional_diffusion(tmp_path):
@@ -57,8 +60,6 @@ def test_guided_sampling_changes_the_samples_and_is_recorded(tmp_path):
     torch.testing.assert_close(draw(), plain)  # scale 1: the conditional model itself
     attach(model, ClassifierFree(4.0))
     assert not torch.allclose(draw(), plain)
-    from genlab.metrics.protocol import sampling_protocol
-
     assert sampling_protocol(model)["guidance"] == {"name": "cfg", "scale": 4.0}
 
 
@@ -89,7 +90,87 @@ def test_guided_training_run_and_sample_cli(tiny_cfg, tmp_path):
     out = sample_main([f"run_dir={run}", "n=4", "steps=3", "guidance=cfg", "guidance.scale=5",
                        f"out={tmp_path / 's'}"])  # fmt: skip
     assert torch.load(out["pt"], weights_only=False)["guidance"] == {"name": "cfg", "scale": 5.0}
-    with pytest.raises(UsageError, match="not an option: one of cfg, none"):
+    with pytest.raises(UsageError, match="not an option: one of cfg, clip, none"):
         sample_main([f"run_dir={run}", "guidance=nope"])
     with pytest.raises(UsageError, match="without guidance="):
         sample_main([f"run_dir={run}", "guidance.scale=2"])
+
+
+# ------------------------------------------------------------------ CLIP guidance (rerank)
+needs_mnist = pytest.mark.skipif(
+    not (SHARED / "mnist").exists(), reason="needs ../shared/assets/mnist"
+)
+
+
+def test_prompt_schedule_follows_the_weights():
+    assert prompt_schedule(["a", "b"], None, 5) == ["a", "b", "a", "b", "a"]
+    assert prompt_schedule(["a", "b"], [3, 1], 8) == ["a"] * 6 + ["b"] * 2
+    with pytest.raises(GuidanceError, match="one per prompt"):
+        prompt_schedule(["a", "b"], [1], 4)
+
+
+class DigitPool:
+    """A stand-in family whose samples are real MNIST test digits drawn with the generator."""
+
+    can_sample = True
+
+    def __init__(self, images):
+        self.images, self.calls = images, []
+
+    def sample(self, n, y=None, generator=None, **kw):
+        self.calls.append(n)
+        return self.images[torch.randint(0, len(self.images), (n,), generator=generator)]
+
+
+@needs_mnist
+def test_rerank_returns_the_highest_scoring_samples():
+    from genlab.data import MNISTDataModule, to_model
+    from genlab.metrics.digits import load_digit_classifier
+
+    images, _ = MNISTDataModule(root=str(SHARED / "mnist"), download=False,
+                                cache_dir=None).read_split("test")  # fmt: skip
+    pool = DigitPool(to_model(images[:2000]))
+    guide = ClipGuidance(["a handwritten seven", "the digit 2"], k=8)
+    attach(pool, guide)
+    out = pool.sample(40, generator=torch.Generator().manual_seed(0))
+    assert pool.calls == [320] and out.shape == (40, 1, 28, 28)
+    # each output is the best of its 8 candidates (the same draws, scored again)
+    cand = DigitPool.sample(pool, 320, generator=torch.Generator().manual_seed(0)).view(
+        40, 8, 1, 28, 28
+    )
+    prompts = prompt_schedule(guide.prompts, None, 40)
+    scores = guide.scores(cand.flatten(0, 1), [p for p in prompts for _ in range(8)]).view(40, 8)
+    torch.testing.assert_close(out, cand[torch.arange(40), scores.argmax(1)])
+    # and the prompted digits come out: wherever the 8 candidates held one (by the digit
+    # classifier), the pick is it; unguided, a sample is the prompted digit 1 time in 10
+    with torch.no_grad():
+        classify = load_digit_classifier()
+        digits = classify(out).argmax(1)
+        cand_digits = classify(cand.flatten(0, 1)).argmax(1).view(40, 8)
+    target = torch.tensor([7 if "seven" in p else 2 for p in prompts])
+    hit = digits == target
+    possible = (cand_digits == target[:, None]).any(1)
+    assert possible.sum() >= 15 and hit[possible].float().mean() > 0.85
+    assert hit.float().mean() > 0.3
+    assert sampling_protocol(pool)["guidance"]["method"] == "rerank"
+
+
+def test_clip_guidance_errors_are_clear(tmp_path):
+    with pytest.raises(GuidanceError, match="needs prompts"):
+        build_guidance(compose_cfg(["guidance=clip"], tmp_path).guidance)
+    with pytest.raises(GuidanceError, match="prompts given with guidance=none"):
+        build_guidance(compose_cfg(["guidance.prompts=[a seven]"], tmp_path).guidance)
+    missing = ClipGuidance(["a seven"], model=f"local-dir:{tmp_path / 'no_clip'}")
+    with pytest.raises(WeightsNotFoundError, match="no_clip"):
+        attach(DigitPool(torch.zeros(4, 1, 28, 28)), missing)
+
+
+def test_clip_guidance_on_a_gan_through_the_sample_cli(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("model=gan", "data.image_size=28", "metrics.at_end=false")
+    train(cfg)
+    out = sample_main([f"run_dir={cfg.paths.output_dir}", "n=4", "guidance=clip",
+                       "guidance.prompts=[a handwritten seven]", "guidance.k=3",
+                       f"out={tmp_path / 'g'}"])  # fmt: skip
+    saved = torch.load(out["pt"], weights_only=False)
+    assert saved["images"].shape == (4, 1, 28, 28)
+    assert saved["guidance"]["method"] == "rerank" and saved["guidance"]["k"] == 3

@@ -164,8 +164,9 @@ class DiffusionModule(RNGCheckpointMixin, L.LightningModule):
             if steps is not None:
                 opts["steps"] = steps
             denoise = self.denoiser(labels, use_ema)
-            if self.guidance is not None:
-                denoise = self.guidance.wrap(self, denoise, labels, use_ema)
+            wrap = getattr(self.guidance, "wrap", None)  # guidance inside the sampler (CFG)
+            if wrap is not None:
+                denoise = wrap(self, denoise, labels, use_ema)
             out.append(self.sampler(denoise, x_T, self.schedule, **opts))
         self.train(was_training)
         return torch.cat(out).clamp(-1, 1)

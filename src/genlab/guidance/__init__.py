@@ -7,6 +7,8 @@ cases. ``guidance=none`` (the default) attaches nothing.
 
 - ``cfg``: classifier-free guidance (Ho & Salimans 2021) for a class-conditional diffusion
   model trained with condition dropout (``model=diffusion_cond``).
+- ``clip``: CLIP guidance toward text prompts (``genlab.guidance.clip``); it wraps the
+  family's ``sample`` (reranking), so it applies to every family.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -76,17 +78,27 @@ def build_guidance(conf: DictConfig | dict | None) -> Any | None:
         return None
     conf = OmegaConf.create(conf) if isinstance(conf, dict) else conf
     if "_target_" not in conf:
+        if conf.get("prompts"):
+            raise GuidanceError(
+                f"prompts given with guidance={conf.get('name', 'none')}: add guidance=clip "
+                "to steer samples toward them"
+            )
         return None
     plain = OmegaConf.to_container(conf, resolve=True)
     plain.pop("name", None)
-    return instantiate(plain)
+    cls = get_class(plain.pop("_target_"))  # called directly: its one-line errors stay as they are
+    return cls(**plain)
 
 
 def attach(model, guidance) -> None:
-    """Check that ``model`` can take ``guidance`` and attach it (None detaches)."""
-    if guidance is not None:
-        guidance.check(model)
-    model.guidance = guidance
+    """Check that ``model`` can take ``guidance`` and attach it. Guidance that works on whole
+    samples (``wrap_sample``: CLIP reranking) wraps the model's ``sample`` on this instance, so
+    grids, the evaluation and the sample command draw guided samples unchanged; guidance that
+    works inside the sampler (``wrap``: CFG) is called by the family."""
+    guidance.check(model)
+    if hasattr(guidance, "wrap_sample"):
+        model.sample = guidance.wrap_sample(type(model).sample.__get__(model))
+    model.guidance = guidance  # recorded by the sampling protocol
 
 
 __all__ = ["ClassifierFree", "GuidanceError", "attach", "build_guidance"]

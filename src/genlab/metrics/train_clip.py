@@ -52,10 +52,21 @@ HELD_OUT_TEMPLATES = [  # never seen in training: the zero-shot check
 ]
 MODEL_CFG = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 28, "patch_size": 7, "width": 96, "layers": 3,
-                   "head_width": 32, "mlp_ratio": 2.0},  # fmt: skip
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2,
-                 "layers": 2},  # fmt: skip
+    "vision_cfg": {
+        "image_size": 28,
+        "patch_size": 7,
+        "width": 96,
+        "layers": 3,
+        "head_width": 32,
+        "mlp_ratio": 2.0,
+    },  # fmt: skip
+    "text_cfg": {
+        "context_length": 16,
+        "vocab_size": 49408,
+        "width": 64,
+        "heads": 2,
+        "layers": 2,
+    },  # fmt: skip
 }
 # images in [-1, 1] are what genlab's CLIPScore feeds after (x + 1) / 2 and this mean/std
 PREPROCESS_CFG = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
@@ -111,7 +122,7 @@ def train(images, labels, epochs: int, batch_size: int = 256, lr: float = 1e-3, 
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps))
     )
     model.train()
-    for step in tqdm(range(steps), desc="clip"):
+    for _ in tqdm(range(steps), desc="clip"):
         idx = torch.randint(0, len(images), (batch_size,), generator=g)
         x = random_shift(images[idx], 2, g)
         which = torch.randint(0, len(TRAIN_TEMPLATES), (batch_size,), generator=g)
