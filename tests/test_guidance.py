@@ -165,12 +165,20 @@ def test_clip_guidance_errors_are_clear(tmp_path):
         attach(DigitPool(torch.zeros(4, 1, 28, 28)), missing)
 
 
-def test_clip_guidance_on_a_gan_through_the_sample_cli(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("model=gan", "data.image_size=28", "metrics.at_end=false")
-    train(cfg)
-    out = sample_main([f"run_dir={cfg.paths.output_dir}", "n=4", "guidance=clip",
-                       "guidance.prompts=[a handwritten seven]", "guidance.k=3",
-                       f"out={tmp_path / 'g'}"])  # fmt: skip
+def test_clip_guidance_on_a_gan_run_and_through_the_sample_cli(tiny_cfg, tmp_path):
+    """Training with guidance=clip: the evaluation and grids sample reranked (k network
+    evaluations per image), latent interpolation grids keep their given latents; the sample
+    CLI takes other settings."""
+    cfg = tiny_cfg("model=gan", "guidance=clip", "guidance.prompts=[a handwritten seven]",
+                   "guidance.k=2", "callbacks.latent_interpolation.every_n_steps=4")  # fmt: skip
+    summary = train(cfg)
+    run = Path(cfg.paths.output_dir)
+    protocol = json.loads((run / "summary.json").read_text())["evaluation"]["protocol"]
+    assert protocol["sampler"]["guidance"]["method"] == "rerank"
+    assert summary["metrics"]["val/sample_nfe"] == 2
+    assert (run / "samples" / "interp_0000004.png").exists()
+    args = ["n=4", "guidance=clip", "guidance.k=3", "guidance.prompts=[a handwritten two]"]
+    out = sample_main([f"run_dir={run}", *args, f"out={tmp_path / 'g'}"])
     saved = torch.load(out["pt"], weights_only=False)
-    assert saved["images"].shape == (4, 1, 28, 28)
-    assert saved["guidance"]["method"] == "rerank" and saved["guidance"]["k"] == 3
+    assert saved["images"].shape == (4, 1, 16, 16)
+    assert saved["guidance"]["k"] == 3 and saved["guidance"]["prompts"] == ["a handwritten two"]

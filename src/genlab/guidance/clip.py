@@ -87,6 +87,8 @@ class ClipGuidance:
         """``sample(n, y=None, generator=None, **kw)`` that returns the reranked images."""
 
         def reranked(n: int, y=None, generator=None, **kw) -> torch.Tensor:
+            if kw.get("z") is not None:  # given latents (interpolation grids): nothing to choose
+                return sample(n, y=y, generator=generator, **kw)
             return self.rerank(sample, n, y, generator, **kw)
 
         return reranked
