@@ -3,7 +3,7 @@ domain CLIP ``genlab-digits`` works offline; real open_clip weights through the 
 
 Method ``rerank`` (any family, autoregressive ones included): draw ``k`` candidates for every
 image and keep the one whose CLIP embedding is closest to its prompt (the prompts are cycled
-over the images, each with its weight: a prompt of weight 2 gets twice the images). Gradient
+over the images; with weights, a prompt of weight 2 gets twice the images). Gradient
 guidance for diffusion and latent optimisation for GAN and VAE decoders are the next methods
 of this option (issue 7); until they land, ``method=auto`` reranks for every family.
 """
@@ -20,7 +20,8 @@ METHODS = ("auto", "rerank")
 
 
 def prompt_schedule(prompts: Sequence[str], weights: Sequence[float] | None, n: int) -> list[str]:
-    """The prompt of each of n images: prompts cycled in proportion to their weights."""
+    """The prompt of each of n images: cycled without weights; with weights, in consecutive
+    blocks whose sizes are proportional to them."""
     if weights is None:
         return [prompts[i % len(prompts)] for i in range(n)]
     if len(weights) != len(prompts) or min(weights) <= 0:
