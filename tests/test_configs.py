@@ -153,3 +153,16 @@ def test_every_yaml_is_reachable():
         "hydra",
     } <= groups
     assert TINY  # the tiny overrides used by the training tests compose
+
+
+def test_compare_celeba_per_model_sizes_every_family_it_names(tmp_path):
+    """per_model's keys exist in each preset: merged, every model builds at 64x64, larger."""
+    from genlab.train import apply_per_model
+
+    for model in ("gan", "sngan", "vae", "pixelcnn", "gated_pixelcnn", "pixelcnn_pp", "diffusion"):
+        cfg = compose_cfg(["experiment=compare_celeba", f"model={model}"], tmp_path)
+        sized = instantiate(apply_per_model(cfg).model)
+        plain = instantiate(cfg.model)
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        assert tuple(sized.image_shape) == (3, 64, 64)
+        assert count(sized) > count(plain), model
