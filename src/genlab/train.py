@@ -139,22 +139,23 @@ def train(cfg: DictConfig) -> dict:
         with open_dict(cfg):
             cfg.ckpt_path = str(last)
     start = time.time()
+    state: dict = {}  # what _train has built so far: the trainer, whether summary.json is begun
     try:
-        return _train(cfg, run_dir, fingerprint)
+        return _train(cfg, run_dir, fingerprint, state)
     except BaseException as err:
-        now = read_summary(run_dir)
-        if _rank() == 0 and (now == earlier or now.get("status") == "running"):
-            # failed before fitting (building the data, model or trainer): nothing recorded yet
-            write_summary(
-                run_dir,
-                {
-                    "status": "interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
-                    "error": f"{type(err).__name__}: {err}".strip(),
-                    "choices": _choices(),
-                    "config_hash": fingerprint,
-                    "wall_time_s": time.time() - start,
-                },
-            )
+        trainer = state.get("trainer")
+        if trainer.is_global_zero if trainer is not None else _rank() == 0:
+            failure = {
+                "status": "interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
+                "error": f"{type(err).__name__}: {err}".strip(),
+                "choices": _choices(),
+                "config_hash": fingerprint,
+                "wall_time_s": time.time() - start,
+            }
+            if trainer is not None:
+                failure["global_step"] = trainer.global_step
+            # added to this attempt's summary; one that failed before writing it starts afresh
+            write_summary(run_dir, failure, merge=state.get("summary_begun", False))
         raise
     finally:
         finish_wandb(failed=sys.exc_info()[0] is not None)
@@ -181,7 +182,7 @@ def apply_per_model(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def _train(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
+def _train(cfg: DictConfig, run_dir: Path, fingerprint: str, state: dict) -> dict:
     cfg = apply_per_model(cfg)
     if cfg.get("per_model"):
         OmegaConf.save(cfg.model, run_dir / ".hydra" / "resolved_model.yaml")
@@ -213,6 +214,7 @@ def _train(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
         logger=build_loggers(cfg, run_dir, family_name(model)),
         plugins=[AtomicCheckpointIO()],
     )
+    state["trainer"] = trainer
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger) and trainer.is_global_zero:
             lg.experiment.config.update(
@@ -231,21 +233,9 @@ def _train(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
     }
     if trainer.is_global_zero:
         write_summary(run_dir, summary, merge=False)
+        state["summary_begun"] = True
     start = time.time()
-    try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-    except BaseException as err:
-        if trainer.is_global_zero:
-            write_summary(
-                run_dir,
-                {
-                    "status": "interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
-                    "error": f"{type(err).__name__}: {err}",
-                    "global_step": trainer.global_step,
-                    "wall_time_s": time.time() - start,
-                },
-            )
-        raise
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     fit_end = time.time()
     wall = fit_end - start
     if not trainer.is_global_zero:
