@@ -28,24 +28,24 @@ FIELDS = ["name", "status", "family", "model", "data", "parameters", "global_ste
           "wall_time_s", "train_images_per_s", "error"]  # fmt: skip
 
 
-def sweep_table(sweep: str | Path) -> tuple[list[str], list[list]]:
-    """(columns, rows) of every job under the sweep directory."""
+def sweep_table(sweep: str | Path) -> tuple[list[str], list[dict]]:
+    """(columns, one record per job under the sweep directory, keyed by the columns)."""
     runs = [load_run(r, sweep) for r in find_runs(sweep)]
     metrics = metric_columns(runs)
-    rows = [[r[f] for f in FIELDS] + [r["metrics"].get(m) for m in metrics] for r in runs]
-    return FIELDS + metrics, rows
+    records = [{**{f: r[f] for f in FIELDS}, **{m: r["metrics"].get(m) for m in metrics}}
+               for r in runs]  # fmt: skip
+    return FIELDS + metrics, records
 
 
-def write_table(sweep: Path, columns: list[str], rows: list[list]) -> None:
-    records = [dict(zip(columns, row)) for row in rows]
+def write_table(sweep: Path, columns: list[str], records: list[dict]) -> None:
     (sweep / "sweep.json").write_text(json.dumps({"jobs": records}, indent=2) + "\n")
     with (sweep / "results.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        writer.writerows(rows)
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
 
 
-def log_wandb_table(config: DictConfig, sweep: Path, columns: list[str], rows: list[list]):
+def log_wandb_table(config: DictConfig, sweep: Path, columns: list[str], records: list[dict]):
     """The results table as a W&B run of its own (job_type "sweep-summary") in the sweep's
     group, when the W&B logger is configured."""
     conf = (config.get("logger") or {}).get("wandb")
@@ -61,12 +61,12 @@ def log_wandb_table(config: DictConfig, sweep: Path, columns: list[str], rows: l
         name=f"{sweep.name}-results",
         dir=str(sweep),
         mode=wandb_mode(conf.get("mode")),
-        config={"sweep_dir": str(sweep), "jobs": len(rows)},
+        config={"sweep_dir": str(sweep), "jobs": len(records)},
     )
-    table = wandb.Table(columns=columns, data=[[_cell(v) for v in row] for row in rows])
+    table = wandb.Table(columns=columns, data=[[_cell(r[c]) for c in columns] for r in records])
     run.log({"results": table})
-    run.summary["completed"] = sum(row[1] == "completed" for row in rows)
-    run.summary["failed"] = sum(row[1] == "failed" for row in rows)
+    run.summary["completed"] = sum(r["status"] == "completed" for r in records)
+    run.summary["failed"] = sum(r["status"] == "failed" for r in records)
     run.finish()
     return run
 
@@ -75,7 +75,7 @@ def _cell(value):
     return value if isinstance(value, int | float | str) or value is None else str(value)
 
 
-def format_table(columns: list[str], rows: list[list], width: int = 12) -> str:
+def format_table(columns: list[str], records: list[dict], width: int = 12) -> str:
     """The table as text: the job's fields and the headline metrics the jobs have."""
     keep = ["name", "status", "global_step", "train_images_per_s", *HEADLINE]
     shown = [c for c in keep if c in columns][:12]
@@ -86,11 +86,10 @@ def format_table(columns: list[str], rows: list[list], width: int = 12) -> str:
         return "" if v is None else str(v)
 
     short = {"global_step": "steps", "train_images_per_s": "train img/s"}
-    first = max([len(fmt(dict(zip(columns, row))["name"])) for row in rows] + [4])
+    first = max([len(fmt(r["name"])) for r in records] + [4])
     heads = [short.get(c, c.removeprefix("val/"))[:width].ljust(width) for c in shown[1:]]
     lines = ["  ".join(["name".ljust(first), *heads])]
-    for row in rows:
-        record = dict(zip(columns, row))
+    for record in records:
         name = fmt(record["name"])
         cells = [name.ljust(first)] + [fmt(record[c])[:width].ljust(width) for c in shown[1:]]
         lines.append("  ".join(cells))
@@ -107,14 +106,13 @@ class SweepSummary(Callback):
         sweep = Path(config.hydra.sweep.dir)
         if not sweep.is_dir():
             return
-        columns, rows = sweep_table(sweep)
-        write_table(sweep, columns, rows)
+        columns, records = sweep_table(sweep)
+        write_table(sweep, columns, records)
         try:
-            log_wandb_table(config, sweep, columns, rows)
+            log_wandb_table(config, sweep, columns, records)
         except Exception as err:  # noqa: BLE001 -- the table is on disk either way
             log.warning("W&B results table not logged: %s", err)
-        log.info("sweep %s: %d jobs\n%s", sweep, len(rows), format_table(columns, rows))
-        records = [dict(zip(columns, row)) for row in rows]
+        log.info("sweep %s: %d jobs\n%s", sweep, len(records), format_table(columns, records))
         failed = [r for r in records if r["status"] != "completed"]
         if failed and self.fail_on_error:
             names = "; ".join(
@@ -125,6 +123,6 @@ class SweepSummary(Callback):
             log.error(
                 "%d of %d jobs did not complete: %s. The others are recorded in %s; re-run the "
                 "same command with hydra.sweep.dir=%s to finish only these.",
-                len(failed), len(rows), names, sweep / "sweep.json", sweep,
+                len(failed), len(records), names, sweep / "sweep.json", sweep,
             )  # fmt: skip
             raise SystemExit(1)
