@@ -164,9 +164,9 @@ class DiffusionModule(RNGCheckpointMixin, L.LightningModule):
             if steps is not None:
                 opts["steps"] = steps
             denoise = self.denoiser(labels, use_ema)
-            wrap = getattr(self.guidance, "wrap", None)  # guidance inside the sampler (CFG)
+            wrap = getattr(self.guidance, "wrap", None)  # guidance inside the sampler
             if wrap is not None:
-                denoise = wrap(self, denoise, labels, use_ema)
+                denoise = wrap(self, denoise, labels, use_ema, index=slice(start, start + m), n=n)
             out.append(self.sampler(denoise, x_T, self.schedule, **opts))
         self.train(was_training)
         return torch.cat(out).clamp(-1, 1)

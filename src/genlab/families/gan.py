@@ -244,3 +244,15 @@ class GANModule(RNGCheckpointMixin, L.LightningModule):
             out.append(net(zb, yb))
         net.train(was_training)
         return torch.cat(out).clamp(-1, 1)
+
+    def generate(
+        self, z: torch.Tensor, y: torch.Tensor | None = None, use_ema: bool = True
+    ) -> torch.Tensor:
+        """G(z, y) for latents z (B, z_dim) in eval mode, differentiable with respect to z
+        (latent optimisation); values as the generator gives them, not clamped."""
+        net = self.sampling_net(use_ema)
+        was_training = net.training
+        net.eval()
+        out = net(z.to(self.device), None if not self.num_classes else y)
+        net.train(was_training)
+        return out

@@ -259,6 +259,18 @@ class VAEModule(RNGCheckpointMixin, L.LightningModule):
         """Posterior means (B, latent_dim): the latent of an image, for grids."""
         return self.encode(x, y)[0]
 
+    def generate(
+        self, z: torch.Tensor, y: torch.Tensor | None = None, use_ema: bool = True
+    ) -> torch.Tensor:
+        """The decoder's mean for latents z (B, latent_dim) in eval mode, differentiable with
+        respect to z (latent optimisation). ``use_ema`` is accepted for the contract (a VAE
+        keeps no EMA copy)."""
+        was_training = self.training
+        self.eval()
+        out = self.likelihood.mean(self.decode(z.to(self.device), y if self.num_classes else None))
+        self.train(was_training)
+        return out
+
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder mean at the posterior mean, (B, C, H, W) in [-1, 1]."""

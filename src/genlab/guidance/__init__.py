@@ -7,13 +7,22 @@ cases. ``guidance=none`` (the default) attaches nothing.
 
 - ``cfg``: classifier-free guidance (Ho & Salimans 2021) for a class-conditional diffusion
   model trained with condition dropout (``model=diffusion_cond``).
-- ``clip``: CLIP guidance toward text prompts (``genlab.guidance.clip``); it wraps the
-  family's ``sample`` (reranking), so it applies to every family.
+- ``classifier``: the gradient of a noise-aware classifier (Dhariwal & Nichol 2021) for any
+  diffusion model (``genlab.guidance.classifier``).
+- ``clip``: CLIP guidance toward text prompts (``genlab.guidance.clip``): the gradient of CLIP
+  similarity for diffusion, latent optimisation for GAN and VAE decoders, reranking for every
+  family.
+
+Gradient guidance (``GradientGuidance``) steers the denoiser by the gradient of an objective
+log p(c | x_t) with respect to the noisy image: eps' = eps - scale sqrt(1 - a_t) grad
+(Dhariwal & Nichol 2021, Algorithm 2 in its DDIM form), which in the x0 space every genlab
+sampler works in is x0' = x0 + scale (1 - a_t) / sqrt(a_t) grad. It therefore works with
+DDPM, DDIM and the fast solvers alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -53,7 +62,9 @@ class ClassifierFree:
                 "dropout (model=diffusion_cond, model.cond_drop_prob > 0)"
             )
 
-    def wrap(self, model, denoise: Denoiser, y: torch.Tensor | None, use_ema: bool) -> Denoiser:
+    def wrap(
+        self, model, denoise: Denoiser, y: torch.Tensor | None, use_ema: bool, **_
+    ) -> Denoiser:
         """The guided denoiser for labels y (unlabelled sampling stays unconditional)."""
         if y is None or self.scale == 1.0:
             return denoise
@@ -70,6 +81,95 @@ class ClassifierFree:
 
     def protocol(self) -> dict:
         return {"name": self.name, "scale": self.scale}
+
+
+def cycle(values: Sequence, weights: Sequence[float] | None, n: int, what: str = "target") -> list:
+    """The target of each of n images: ``values`` cycled without weights; with weights, in
+    consecutive blocks whose sizes are proportional to them (the rounding remainder goes to the
+    heaviest)."""
+    if weights is None:
+        return [values[i % len(values)] for i in range(n)]
+    if len(weights) != len(values) or min(weights) <= 0:
+        raise GuidanceError(
+            f"guidance.weights must be {len(values)} positive numbers, one per {what}"
+        )
+    total = float(sum(weights))
+    counts = [int(n * w / total) for w in weights]
+    for i in sorted(range(len(values)), key=lambda i: -weights[i])[: n - sum(counts)]:
+        counts[i] += 1
+    return [v for v, c in zip(values, counts) for _ in range(c)]
+
+
+class GradientGuidance:
+    """Guidance of a diffusion model by the gradient of a per-image objective (a log-probability
+    of the target, up to scale) with respect to the noisy image x_t.
+
+    Subclasses define ``objective(x_t, t, x0, targets, schedule) -> (B,)`` and ``targets_for(n)``
+    (the target of each of the n images one ``sample`` call draws). With ``through_denoiser``
+    the objective sees x0 = denoise(x_t, t) with its graph, so the gradient flows back through
+    the network (CLIP on the predicted clean image); otherwise x0 is computed without one
+    (a noise-aware classifier reads x_t itself).
+    """
+
+    name = "gradient"
+    through_denoiser = True
+
+    def __init__(self, scale: float):
+        self.scale = float(scale)
+
+    def check(self, model) -> None:
+        if not hasattr(model, "denoiser") or not hasattr(model, "schedule"):
+            raise GuidanceError(
+                f"guidance={self.name} (gradient) needs a diffusion model; "
+                f"{type(model).__name__} has no denoiser"
+            )
+
+    def targets_for(self, n: int) -> list:
+        """The target of each of the n images one ``sample`` call draws."""
+        raise NotImplementedError
+
+    def batch_targets(self, n: int, index: slice, y: torch.Tensor | None) -> list:
+        """The targets of the images ``index`` of n (``y``: this batch's labels, if any)."""
+        return self.targets_for(n)[index]
+
+    def objective(self, x_t, t, x0, targets: list, schedule) -> torch.Tensor:
+        """(B,) the objective whose gradient with respect to ``x_t`` steers the step."""
+        raise NotImplementedError
+
+    def wrap(
+        self,
+        model,
+        denoise: Denoiser,
+        y: torch.Tensor | None,
+        use_ema: bool,
+        *,
+        index: slice | None = None,
+        n: int | None = None,
+    ) -> Denoiser:
+        """The guided denoiser for the images ``index`` of a request for ``n``."""
+        if self.scale == 0.0:
+            return denoise
+        schedule = model.schedule
+        state = {"targets": None}
+
+        def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if state["targets"] is None:  # the batch size is known at the first call
+                total = n if n is not None else x_t.shape[0]
+                part = index if index is not None else slice(0, x_t.shape[0])
+                state["targets"] = self.batch_targets(total, part, y)
+            with torch.enable_grad():
+                x = x_t.detach().requires_grad_(True)
+                if self.through_denoiser:
+                    x0 = denoise(x, t)
+                else:
+                    with torch.no_grad():
+                        x0 = denoise(x_t, t)
+                value = self.objective(x, t, x0, state["targets"], schedule)
+                (grad,) = torch.autograd.grad(value.sum(), x)
+            ab = schedule.alpha_bar(t).to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
+            return x0.detach() + self.scale * (1 - ab) / ab.sqrt() * grad
+
+        return guided
 
 
 def build_guidance(conf: DictConfig | dict | None) -> Any | None:
@@ -96,9 +196,16 @@ def attach(model, guidance) -> None:
     grids, the evaluation and the sample command draw guided samples unchanged; guidance that
     works inside the sampler (``wrap``: CFG) is called by the family."""
     guidance.check(model)
-    if hasattr(guidance, "wrap_sample"):
-        model.sample = guidance.wrap_sample(type(model).sample.__get__(model))
+    if hasattr(guidance, "wrap_sample"):  # may hand the plain sample back (gradient methods)
+        model.sample = guidance.wrap_sample(type(model).sample.__get__(model), model)
     model.guidance = guidance  # recorded by the sampling protocol
 
 
-__all__ = ["ClassifierFree", "GuidanceError", "attach", "build_guidance"]
+__all__ = [
+    "ClassifierFree",
+    "GradientGuidance",
+    "GuidanceError",
+    "attach",
+    "build_guidance",
+    "cycle",
+]

@@ -1,45 +1,91 @@
 """CLIP guidance: steer samples toward text prompts, scored by an open_clip model (the bundled
 domain CLIP ``genlab-digits`` works offline; real open_clip weights through the same path).
 
-Method ``rerank`` (any family, autoregressive ones included): draw ``k`` candidates for every
-image and keep the one whose CLIP embedding is closest to its prompt (the prompts are cycled
-over the images; with weights, a prompt of weight 2 gets twice the images). Gradient
-guidance for diffusion and latent optimisation for GAN and VAE decoders are the next methods
-of this option (issue 7); until they land, ``method=auto`` reranks for every family.
+Three methods, chosen by ``method=auto`` from what the model offers:
+
+- ``gradient`` (diffusion): at every sampler step, the gradient with respect to the noisy
+  image x_t of the CLIP cosine between the prompt and the predicted clean image x0(x_t),
+  averaged over random cutouts (crops resized back, so CLIP sees the digit at several scales
+  and positions and the gradient does not chase one view), minus optional total-variation and
+  range penalties. It enters the denoiser as gradient guidance does
+  (``genlab.guidance.GradientGuidance``): x0' = x0 + scale (1 - a_t)/sqrt(a_t) grad.
+- ``latent`` (GAN and VAE decoders, anything with ``generate(z, y)`` and ``latents``): Adam on
+  the latent z of every image to raise the same CLIP objective of ``generate(z)``, with a prior
+  penalty (|z| - sqrt(d))^2 that keeps z near the shell where N(0, I) puts its mass (the
+  typical set), as VQGAN-CLIP does for its codes.
+- ``rerank`` (any family, autoregressive ones included): draw ``k`` candidates for every image
+  and keep the one whose CLIP embedding is closest to its prompt.
+
+The prompts are cycled over the images of every ``sample`` call (with weights, a prompt of
+weight 2 gets twice the images, in consecutive blocks); ``prompts_for(n)`` says which, so the
+evaluation scores each guided sample against its own prompt (``val/clip_score``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from genlab.guidance import GuidanceError
+from genlab.guidance import GradientGuidance, GuidanceError, cycle
 
-METHODS = ("auto", "rerank")
+METHODS = ("auto", "gradient", "latent", "rerank")
 
 
 def prompt_schedule(prompts: Sequence[str], weights: Sequence[float] | None, n: int) -> list[str]:
     """The prompt of each of n images: cycled without weights; with weights, in consecutive
     blocks whose sizes are proportional to them."""
-    if weights is None:
-        return [prompts[i % len(prompts)] for i in range(n)]
-    if len(weights) != len(prompts) or min(weights) <= 0:
-        raise GuidanceError(
-            f"guidance.weights must be {len(prompts)} positive numbers, one per prompt"
-        )
-    total = float(sum(weights))
-    counts = [int(n * w / total) for w in weights]
-    for i in sorted(range(len(prompts)), key=lambda i: -weights[i])[: n - sum(counts)]:
-        counts[i] += 1  # the images rounding left over go to the heaviest prompts
-    return [p for p, c in zip(prompts, counts) for _ in range(c)]
+    return cycle(prompts, weights, n, what="prompt")
 
 
-class ClipGuidance:
+def cutouts(
+    images: torch.Tensor, count: int, cut_min: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``count`` random square crops of every image, each resized back to the image's size
+    (bilinear, differentiable): side a uniform fraction in [cut_min, 1] of the image, placed
+    uniformly inside it. (B, C, H, W) -> (count * B, C, H, W), crops of image i at i, B + i, ...
+    ``count=0`` returns the images themselves."""
+    if count <= 0:
+        return images
+    b = images.shape[0]
+    n = count * b
+    side = cut_min + (1 - cut_min) * torch.rand(n, generator=generator)
+    shift = (1 - side)[:, None] * (2 * torch.rand(n, 2, generator=generator) - 1)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = side
+    theta[:, :, 2] = shift
+    theta = theta.to(images.device, images.dtype)
+    grid = F.affine_grid(theta, [n, *images.shape[1:]], align_corners=False)
+    source = images.repeat(count, 1, 1, 1)
+    return F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def total_variation(images: torch.Tensor) -> torch.Tensor:
+    """(B,) mean absolute difference between neighbouring pixels."""
+    dh = (images[..., 1:, :] - images[..., :-1, :]).abs().flatten(1).mean(1)
+    dw = (images[..., :, 1:] - images[..., :, :-1]).abs().flatten(1).mean(1)
+    return dh + dw
+
+
+def range_excess(images: torch.Tensor) -> torch.Tensor:
+    """(B,) mean squared distance of the pixels from [-1, 1]."""
+    return (images - images.clamp(-1, 1)).pow(2).flatten(1).mean(1)
+
+
+class ClipGuidance(GradientGuidance):
     """Args:
     prompts: the text prompts. weights: optional relative weights, one per prompt.
     model / pretrained: the CLIP (``metrics.clip``'s conventions; default ``genlab-digits``).
-    method: ``auto`` or ``rerank``. k: candidates drawn per image by ``rerank``.
+    method: ``auto`` (gradient for diffusion, latent for GAN/VAE, rerank otherwise),
+        ``gradient``, ``latent`` or ``rerank``.
+    scale: gradient guidance scale. cutouts / cut_min: random crops per image and the smallest
+        crop side (a fraction of the image) the CLIP objective averages over (0: the image).
+    tv_weight / range_weight: total-variation and range penalties in the objective.
+    steps / lr / prior_weight: latent optimisation (Adam) steps, its learning rate and the
+        weight of the typical-set penalty (|z| - sqrt(d))^2.
+    k: candidates drawn per image by ``rerank``. seed: seeds the cutouts.
     """
 
     name = "clip"
@@ -51,9 +97,19 @@ class ClipGuidance:
         model: str = "genlab-digits",
         pretrained: str | None = None,
         method: str = "auto",
+        scale: float = 20.0,
+        cutouts: int = 8,
+        cut_min: float = 0.7,
+        tv_weight: float = 0.0,
+        range_weight: float = 0.0,
+        steps: int = 30,
+        lr: float = 0.05,
+        prior_weight: float = 0.01,
         k: int = 8,
+        seed: int = 0,
         device: str = "cpu",
     ):
+        super().__init__(scale)
         if not prompts:
             raise GuidanceError(
                 "guidance=clip needs prompts: guidance.prompts=['a handwritten seven']"
@@ -62,12 +118,20 @@ class ClipGuidance:
             raise GuidanceError(f"guidance.method={method!r}: one of {', '.join(METHODS)}")
         if int(k) < 1:
             raise GuidanceError(f"guidance.k must be >= 1, got {k}")
+        if not 0 < float(cut_min) <= 1:
+            raise GuidanceError(f"guidance.cut_min must be in (0, 1], got {cut_min}")
         self.prompts = [str(p) for p in prompts]
         self.weights = None if weights is None else [float(w) for w in weights]
         prompt_schedule(self.prompts, self.weights, len(self.prompts))  # checks the weights
         self.clip_model, self.pretrained, self.device = model, pretrained, device
-        self.method, self.k = "rerank" if method == "auto" else method, int(k)
+        self.method, self.k = method, int(k)
+        self.cutouts, self.cut_min = int(cutouts), float(cut_min)
+        self.tv_weight, self.range_weight = float(tv_weight), float(range_weight)
+        self.steps, self.lr, self.prior_weight = int(steps), float(lr), float(prior_weight)
+        self.seed = int(seed)
+        self.history: list[float] = []  # latent optimisation: mean CLIP cosine before each step
         self._clip = None
+        self._text: dict[str, torch.Tensor] = {}
 
     @property
     def clip(self):
@@ -77,30 +141,127 @@ class ClipGuidance:
             self._clip = CLIPScore(self.clip_model, self.pretrained, self.device)
         return self._clip
 
+    # ------------------------------------------------------------------ attaching
     def check(self, model) -> None:
         if not callable(getattr(model, "sample", None)) or not getattr(model, "can_sample", True):
             raise GuidanceError(
                 f"guidance=clip needs a model that samples; {type(model).__name__} cannot"
             )
+        can = {
+            "gradient": hasattr(model, "denoiser") and hasattr(model, "schedule"),
+            "latent": callable(getattr(model, "generate", None)) and hasattr(model, "latents"),
+            "rerank": True,
+        }
+        if self.method == "auto":
+            self.method = next(m for m in ("gradient", "latent", "rerank") if can[m])
+        elif not can[self.method]:
+            needs = {"gradient": "a diffusion model", "latent": "a GAN or VAE decoder"}
+            raise GuidanceError(
+                f"guidance.method={self.method} needs {needs[self.method]}; "
+                f"{type(model).__name__} is not one (use guidance.method=auto)"
+            )
         self.clip.check_prompts(self.prompts)
 
-    def wrap_sample(self, sample: Callable) -> Callable:
-        """``sample(n, y=None, generator=None, **kw)`` that returns the reranked images."""
+    def wrap_sample(self, sample: Callable, model) -> Callable:
+        """The model's ``sample`` with this guidance (gradient guidance acts inside the sampler
+        through ``wrap``, so ``sample`` comes back unchanged)."""
+        if self.method == "gradient":
+            return sample
+        guided = self.rerank if self.method == "rerank" else self.optimise_latents
+        target = sample if self.method == "rerank" else model
 
-        def reranked(n: int, y=None, generator=None, **kw) -> torch.Tensor:
+        def guided_sample(n: int, y=None, generator=None, **kw) -> torch.Tensor:
             if kw.get("z") is not None:  # given latents (interpolation grids): nothing to choose
                 return sample(n, y=y, generator=generator, **kw)
-            return self.rerank(sample, n, y, generator, **kw)
+            return guided(target, n, y, generator, **kw)
 
-        return reranked
+        return guided_sample
 
+    # ------------------------------------------------------------------ the objective
+    def prompts_for(self, n: int) -> list[str]:
+        """The prompt each of the n images of one ``sample`` call is steered toward."""
+        return prompt_schedule(self.prompts, self.weights, n)
+
+    targets_for = prompts_for
+
+    def text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(len(prompts), D) text embeddings, each prompt encoded once."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text]
+        if missing:
+            with torch.no_grad():
+                self._text.update(zip(missing, self.clip.encode_text(missing)))
+        return torch.stack([self._text[p] for p in prompts])
+
+    def similarity(
+        self, images: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(B,) CLIP cosine of every image to its text embedding, averaged over the cutouts."""
+        views = cutouts(images, self.cutouts, self.cut_min, generator)
+        emb = self.clip.encode_images(views).view(-1, *text.shape)
+        return (emb * text.to(emb.device)).sum(-1).mean(0).to(images.device)
+
+    def clip_objective(self, images, text, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """((B,) objective, (B,) similarity): similarity minus the TV and range penalties."""
+        sim = self.similarity(images, text, generator)
+        value = sim
+        if self.tv_weight:
+            value = value - self.tv_weight * total_variation(images)
+        if self.range_weight:
+            value = value - self.range_weight * range_excess(images)
+        return value, sim
+
+    def objective(self, x_t, t, x0, targets, schedule) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed + int(t.flatten()[0]))
+        return self.clip_objective(x0, self.text(targets), generator)[0]
+
+    # ------------------------------------------------------------------ latent optimisation
+    def prior_penalty(self, z: torch.Tensor) -> torch.Tensor:
+        """(B,) (|z| - sqrt(d))^2: zero on the shell where a standard normal's mass lies."""
+        flat = z.flatten(1)
+        return (flat.norm(dim=1) - math.sqrt(flat.shape[1])).pow(2)
+
+    def optimise_latents(self, model, n: int, y=None, generator=None, **kw) -> torch.Tensor:
+        """n images of ``model.generate(z, y)`` with z optimised from a prior draw by Adam to
+        raise the CLIP objective minus ``prior_weight`` times the prior penalty."""
+        if "truncation" in kw or getattr(model, "truncation", None):
+            z0 = model.latents(n, generator, kw.get("truncation", model.truncation))
+        else:
+            z0 = model.latents(n, generator)
+        if getattr(model, "num_classes", 0) and y is None:
+            y = torch.randint(0, model.num_classes, (n,), generator=generator)
+        text = self.text(self.prompts_for(n))
+        use_ema = {"use_ema": kw["use_ema"]} if "use_ema" in kw else {}
+        gen = torch.Generator().manual_seed(self.seed)
+        batch = int(getattr(model, "sample_batch_size", n) or n)
+        self.history = []
+        out = []
+        for start in range(0, n, batch):
+            part = slice(start, start + batch)
+            z = z0[part].clone().to(model.device).requires_grad_(True)
+            yb = None if y is None else y[part].to(model.device)
+            opt = torch.optim.Adam([z], lr=self.lr)
+            trace = []
+            for _ in range(self.steps):
+                with torch.enable_grad():
+                    images = model.generate(z, yb, **use_ema)
+                    value, sim = self.clip_objective(images, text[part], gen)
+                    loss = -value.sum() + self.prior_weight * self.prior_penalty(z).sum()
+                    (z.grad,) = torch.autograd.grad(loss, z)  # the model's own grads untouched
+                trace.append(float(sim.detach().mean()))
+                opt.step()
+            with torch.no_grad():
+                out.append(model.generate(z.detach(), yb, **use_ema).clamp(-1, 1))
+            self.history.append(trace)
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ reranking
     @torch.no_grad()
     def rerank(self, sample: Callable, n: int, y=None, generator=None, **kw) -> torch.Tensor:
         """n images, each the best of ``k`` candidates for its prompt."""
         k = self.k
         labels = None if y is None else torch.as_tensor(y).repeat_interleave(k)
         candidates = sample(n * k, y=labels, generator=generator, **kw)
-        prompts = prompt_schedule(self.prompts, self.weights, n)
+        prompts = self.prompts_for(n)
         scores = self.scores(candidates, [p for p in prompts for _ in range(k)]).view(n, k)
         best = scores.argmax(1)
         return candidates.view(n, k, *candidates.shape[1:])[torch.arange(n), best]
@@ -114,10 +275,18 @@ class ClipGuidance:
         return torch.cat(out)
 
     def protocol(self) -> dict:
+        settings = {
+            "gradient": {"scale": self.scale, "cutouts": self.cutouts, "cut_min": self.cut_min,
+                         "tv_weight": self.tv_weight, "range_weight": self.range_weight},
+            "latent": {"steps": self.steps, "lr": self.lr, "prior_weight": self.prior_weight,
+                       "cutouts": self.cutouts, "cut_min": self.cut_min,
+                       "tv_weight": self.tv_weight, "range_weight": self.range_weight},
+            "rerank": {"k": self.k},
+        }  # fmt: skip
         return {
             "name": self.name,
             "method": self.method,
-            "k": self.k,
+            **settings.get(self.method, {}),
             "prompts": self.prompts,
             "weights": self.weights,
             "clip": {key: self.clip.info.get(key) for key in ("model", "weights_sha256")},

@@ -120,6 +120,7 @@ class Evaluator:
         self.counters = {"reference_computed": 0, "reference_loaded": 0, "reference_reused": 0}
         self._references: dict[str, dict] = {}
         self._clip = None
+        self._guided = None  # a model's guidance toward prompts, while evaluating that model
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> Evaluator:
@@ -281,7 +282,7 @@ class Evaluator:
         for images in chunks:
             for ext in exts:
                 feats[ext.key].append(self.features(ext, images))
-            if self._clip is not None:
+            if self._clip is not None or self._guided is not None:
                 clip_scores.append(self._clip_pairs(images, count))
             count += len(images)
         merged = {
@@ -310,10 +311,17 @@ class Evaluator:
             self._missing("clip", err)
 
     def _clip_pairs(self, images: torch.Tensor, offset: int) -> torch.Tensor:
-        prompts = list(self.clip_cfg["prompts"])
-        pair = [prompts[(offset + i) % len(prompts)] for i in range(len(images))]
+        """Per-image CLIP scores. Samples guided toward prompts are scored by the guiding CLIP
+        against the prompt each was steered toward (one chunk is one ``sample`` call, and the
+        guidance says which prompt each of its images got); others against
+        ``clip.prompts``, cycled over all the samples."""
+        if self._guided is not None:
+            clip, pair = self._guided.clip, self._guided.prompts_for(len(images))
+        else:
+            clip, prompts = self._clip, list(self.clip_cfg["prompts"])
+            pair = [prompts[(offset + i) % len(prompts)] for i in range(len(images))]
         with torch.no_grad():
-            return self._clip.score_pairs(to_model(images).to(self._clip.device), pair).cpu()
+            return clip.score_pairs(to_model(images).to(clip.device), pair).cpu()
 
     # ------------------------------------------------------------------ entry points
     def _fidelity_results(self, exts, consumed, datamodule) -> tuple[dict, dict]:
@@ -334,7 +342,13 @@ class Evaluator:
         return metrics, ext_protocol
 
     def _annotate(self, protocol: dict) -> None:
-        if self._clip is not None:
+        if self._guided is not None:
+            protocol["clip"] = {
+                **self._guided.clip.protocol(),
+                "prompts": "each sample's own guidance prompt (sampler.guidance.prompts)",
+                "scorer": "the guiding CLIP: guided samples score high on it by construction",
+            }
+        elif self._clip is not None:
             protocol["clip"] = {**self._clip.protocol(), "prompts": list(self.clip_cfg["prompts"])}
         protocol["not_computed"] = dict(self.not_computed)
 
@@ -357,6 +371,10 @@ class Evaluator:
         device = model.device
         exts = self.setup(datamodule.name, device)
         self._setup_clip(device)
+        guidance = getattr(model, "guidance", None)  # guided toward prompts: scored against them
+        self._guided = guidance if callable(getattr(guidance, "prompts_for", None)) else None
+        if self._guided is not None:
+            self.not_computed.pop("clip", None)
         metrics: dict[str, float] = {}
         protocol = self.base_protocol(datamodule, n)
         protocol.update(
@@ -366,7 +384,9 @@ class Evaluator:
             if getattr(model, "num_classes", 0)
             else None,
         )
-        wants_samples = exts or self._clip is not None or "cost" in self.metrics
+        wants_samples = (
+            exts or self._clip is not None or self._guided is not None or "cost" in self.metrics
+        )
         if wants_samples and not getattr(model, "can_sample", True):  # e.g. VQ-VAE, no prior
             self.not_computed["samples"] = (
                 f"{type(model).__name__} cannot sample on its own (no prior): "
@@ -397,6 +417,7 @@ class Evaluator:
         start = time.perf_counter()
         exts = self.setup(datamodule.name, device)
         self._setup_clip(device)
+        self._guided = None
         chunks = (
             images[i : i + self.sample_batch_size]
             for i in range(0, len(images), self.sample_batch_size)
