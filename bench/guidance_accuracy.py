@@ -1,33 +1,51 @@
-"""Prompt accuracy of CLIP guidance on digit models: the fraction of guided samples that the
-evaluation protocol's digit classifier assigns to the prompted digit (unguided: about 10%),
-beside the digit Frechet distance and the CLIP score of the same samples, guided and not.
+"""How well guidance steers digit models: "prompt accuracy", the fraction of guided samples
+that the evaluation protocol's digit classifier assigns to the prompted digit (unguided: about
+10%), beside the digit Frechet distance and the CLIP score of the same samples, guided and not,
+and the sampling speed of each.
 
-    python bench/guidance_accuracy.py --runs <run> [<run> ...] [--n 200] [--k 4]
-        [--data-dir ../shared/assets/mnist] [--out bench/results/guidance_rerank.json]
+    python bench/guidance_accuracy.py [--n 200] [--data-dir ../shared/assets/mnist]
+        [--out bench/results/guidance.json]
+        --job "<label>|<run dir>|<conf/guidance option>|<key=value> <key=value> ..." ...
 
-Prompts: "a handwritten <zero..nine>", cycled over the n images (so each digit gets n/10).
-CLIP: the bundled domain CLIP (genlab-digits). Method: rerank (best of k samples per image).
-The Frechet distance uses the digit classifier's features against the first 10,000 MNIST
-training images (as val/fd_digits, but on n samples: biased upward for small n, and equally
-so for the guided and unguided columns).
+A job's key=value pairs set guidance.<key>, except model.sampler.<arg>=<value>, which changes
+the run's sampler for that job, guided and unguided alike (e.g. model.sampler.eta=1).
+
+Example (the README's table):
+    --job "CLIP gradient|<diffusion run>|clip|scale=80 cutouts=8 model.sampler.eta=1"
+    --job "classifier|<diffusion run>|classifier|scale=5 model.sampler.eta=1"
+    --job "CLIP latent|<gan run>|clip|steps=30"
+    --job "CLIP rerank|<pixelcnn run>|clip|method=rerank k=8"
+    --job "CFG|<conditional diffusion run>|cfg|scale=3"
+
+Image i is steered toward digit i mod 10: CLIP guidance by the prompt "a handwritten <digit
+word>" (the prompts cycle over the images), classifier guidance by its classes (which cycle
+likewise), a conditional model by its label. "Unguided" is the same model, seed and labels
+without guidance (for a conditional model: its plain conditional samples). CLIP: the bundled
+domain CLIP (genlab-digits), which is also the guiding CLIP, so guided CLIP scores are high by
+construction; the digit classifier is an independent judge. The Frechet distance uses the
+digit classifier's features against the first 10,000 MNIST training images (as val/fd_digits,
+but on n samples: biased upward for small n, equally for the guided and unguided columns).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
 
 import torch
+import yaml
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 from genlab.data import MNISTDataModule, to_model
-from genlab.guidance import attach
-from genlab.guidance.clip import ClipGuidance
+from genlab.guidance import attach, build_guidance
+from genlab.metrics.clip import CLIPScore
 from genlab.metrics.digits import load_digit_classifier
+from genlab.metrics.protocol import sampling_protocol
 from genlab.metrics.train_clip import WORDS
-from genlab.sample import load_model
+from genlab.sample import guidance_config, load_model
 
 PROMPTS = [f"a handwritten {w}" for w in WORDS]
 
@@ -50,52 +68,101 @@ def frechet(a: torch.Tensor, ref_stats: dict) -> float:
     )
 
 
+def parse_job(text: str) -> dict:
+    parts = [p.strip() for p in text.split("|")]
+    if len(parts) not in (3, 4):
+        raise SystemExit(f"--job {text!r}: expected 'label|run dir|guidance option|key=value ...'")
+    overrides = parts[3].split() if len(parts) == 4 else []
+    return {"label": parts[0], "run": parts[1], "guidance": parts[2], "overrides": overrides}
+
+
+def set_sampler(model, overrides: list[str]) -> None:
+    """Apply model.sampler.<arg>=<value> overrides to the model's (partial) sampler."""
+    kwargs = {}
+    for item in overrides:
+        key, value = item.removeprefix("model.sampler.").split("=", 1)
+        kwargs[key] = yaml.safe_load(value)
+    if kwargs:
+        base = model.sampler
+        model.sampler = functools.partial(base.func, *base.args, **{**base.keywords, **kwargs})
+
+
+def draw(model, n: int, y, seed: int = 0) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    images = model.sample(n, y=y, generator=torch.Generator().manual_seed(seed)).float()
+    return images, time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", nargs="+", required=True)
+    parser.add_argument("--job", action="append", required=True, type=parse_job)
     parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--data-dir", default="../shared/assets/mnist")
-    parser.add_argument("--out", default="bench/results/guidance_rerank.json")
+    parser.add_argument("--out", default="bench/results/guidance.json")
     args = parser.parse_args()
+    torch.manual_seed(0)
     net = load_digit_classifier().eval()
+    clip = CLIPScore("genlab-digits")
     train, _ = MNISTDataModule(root=args.data_dir, download=False, cache_dir=None).read_split(
         "train"
     )
     ref_stats = fid_features_to_statistics(features(net, to_model(train[:10000]))[0])
     target = torch.arange(args.n) % 10
+    prompts = [PROMPTS[int(t)] for t in target]
+
+    def measure(images: torch.Tensor, secs: float) -> dict:
+        feats, preds = features(net, images)
+        return {
+            "prompt_accuracy": float((preds == target).float().mean()),
+            "fd_digits": frechet(feats, ref_stats),
+            "clip_score": clip.score(images, prompts),
+            "img_per_s": args.n / secs,
+        }
+
+    unguided: dict[str, dict] = {}  # per run: the same samples serve every job on it
     rows = []
-    for run in args.runs:
-        model, cfg, step = load_model(run)
-        gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    for job in args.job:
+        model, cfg, step = load_model(job["run"])
+        sampler = [o for o in job["overrides"] if o.startswith("model.sampler.")]
+        set_sampler(model, sampler)
         y = target if getattr(model, "num_classes", 0) else None
-        start = time.perf_counter()
-        plain = model.sample(args.n, y=y, generator=gen()).float()
-        plain_s = time.perf_counter() - start
-        guide = ClipGuidance(PROMPTS, k=args.k)
+        key = f"{job['run']} {' '.join(sampler)}"
+        if key not in unguided:
+            unguided[key] = measure(*draw(model, args.n, y))
+        extra = [f"guidance.prompts=[{','.join(PROMPTS)}]"] if job["guidance"] == "clip" else []
+        settings = [f"guidance.{o}" for o in job["overrides"] if o not in sampler]
+        _, conf = guidance_config([f"guidance={job['guidance']}", *extra, *settings])
+        guide = build_guidance(conf)
         attach(model, guide)
-        start = time.perf_counter()
-        guided = model.sample(args.n, y=y, generator=gen()).float()
-        guided_s = time.perf_counter() - start
-        prompts = [PROMPTS[int(t)] for t in target]
-        row = {"run": run, "model": cfg.model._target_.rsplit(".", 1)[-1], "step": step,
-               "n": args.n, "k": args.k}  # fmt: skip
-        for name, images, secs in (("unguided", plain, plain_s), ("rerank", guided, guided_s)):
-            feats, preds = features(net, images)
-            row[name] = {
-                "prompt_accuracy": float((preds == target).float().mean()),
-                "fd_digits": frechet(feats, ref_stats),
-                "clip_score": guide.clip.score(images, prompts),
-                "img_per_s": args.n / secs,
-            }
+        row = {
+            "label": job["label"],
+            "run": job["run"],
+            "model": cfg.model._target_.rsplit(".", 1)[-1],
+            "preset": Path(job["run"]).name,
+            "step": step,
+            "n": args.n,
+            "guidance": guide.protocol(),
+            "sampler": sampling_protocol(model),
+            "unguided": unguided[key],
+            "guided": measure(*draw(model, args.n, y)),
+        }
         rows.append(row)
-        u, g = row["unguided"], row["rerank"]
-        print(f"{run}: prompt accuracy {u['prompt_accuracy']:.3f} -> {g['prompt_accuracy']:.3f}, "
-              f"fd_digits {u['fd_digits']:.2f} -> {g['fd_digits']:.2f}, "
-              f"CLIP score {u['clip_score']:.1f} -> {g['clip_score']:.1f}, "
-              f"img/s {u['img_per_s']:.1f} -> {g['img_per_s']:.1f}")  # fmt: skip
+        u, g = row["unguided"], row["guided"]
+        print(f"{job['label']}: prompt accuracy {u['prompt_accuracy']:.3f} -> "
+              f"{g['prompt_accuracy']:.3f}, fd_digits {u['fd_digits']:.2f} -> "
+              f"{g['fd_digits']:.2f}, CLIP score {u['clip_score']:.1f} -> {g['clip_score']:.1f}, "
+              f"img/s {u['img_per_s']:.2f} -> {g['img_per_s']:.2f}", flush=True)  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"prompts": PROMPTS, "results": rows}, indent=2) + "\n")
+    print("\n| method | model | prompt acc. | fd_digits | CLIP score | img/s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        u, g = r["unguided"], r["guided"]
+        print(f"| {r['label']} | {r['preset']} (step {r['step']}) | "
+              f"{u['prompt_accuracy']:.2f} → **{g['prompt_accuracy']:.2f}** | "
+              f"{u['fd_digits']:.1f} → {g['fd_digits']:.1f} | "
+              f"{u['clip_score']:.1f} → {g['clip_score']:.1f} | "
+              f"{u['img_per_s']:.1f} → {g['img_per_s']:.2f} |")  # fmt: skip
     print(f"wrote {args.out}")
 
 

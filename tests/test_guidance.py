@@ -90,7 +90,7 @@ def test_guided_training_run_and_sample_cli(tiny_cfg, tmp_path):
     out = sample_main([f"run_dir={run}", "n=4", "steps=3", "guidance=cfg", "guidance.scale=5",
                        f"out={tmp_path / 's'}"])  # fmt: skip
     assert torch.load(out["pt"], weights_only=False)["guidance"] == {"name": "cfg", "scale": 5.0}
-    with pytest.raises(UsageError, match="not an option: one of cfg, clip, none"):
+    with pytest.raises(UsageError, match="not an option: one of classifier, cfg, clip, none"):
         sample_main([f"run_dir={run}", "guidance=nope"])
     with pytest.raises(UsageError, match="without guidance="):
         sample_main([f"run_dir={run}", "guidance.scale=2"])
@@ -170,15 +170,26 @@ def test_clip_guidance_on_a_gan_run_and_through_the_sample_cli(tiny_cfg, tmp_pat
     evaluations per image), latent interpolation grids keep their given latents; the sample
     CLI takes other settings."""
     cfg = tiny_cfg("model=gan", "guidance=clip", "guidance.prompts=[a handwritten seven]",
-                   "guidance.k=2", "callbacks.latent_interpolation.every_n_steps=4")  # fmt: skip
+                   "guidance.method=rerank", "guidance.k=2",
+                   "callbacks.latent_interpolation.every_n_steps=4")  # fmt: skip
     summary = train(cfg)
     run = Path(cfg.paths.output_dir)
     protocol = json.loads((run / "summary.json").read_text())["evaluation"]["protocol"]
     assert protocol["sampler"]["guidance"]["method"] == "rerank"
     assert summary["metrics"]["val/sample_nfe"] == 2
     assert (run / "samples" / "interp_0000004.png").exists()
-    args = ["n=4", "guidance=clip", "guidance.k=3", "guidance.prompts=[a handwritten two]"]
+    args = [
+        "n=4",
+        "guidance=clip",
+        "guidance.method=rerank",
+        "guidance.k=3",
+        "guidance.prompts=[a handwritten two]",
+    ]
     out = sample_main([f"run_dir={run}", *args, f"out={tmp_path / 'g'}"])
     saved = torch.load(out["pt"], weights_only=False)
     assert saved["images"].shape == (4, 1, 16, 16)
     assert saved["guidance"]["k"] == 3 and saved["guidance"]["prompts"] == ["a handwritten two"]
+    args = ["n=2", "guidance=clip", "guidance.steps=3", "guidance.prompts=[a handwritten two]"]
+    out = sample_main([f"run_dir={run}", *args, f"out={tmp_path / 'l'}"])
+    saved = torch.load(out["pt"], weights_only=False)  # method=auto: latent optimisation
+    assert saved["guidance"]["method"] == "latent" and saved["guidance"]["steps"] == 3

@@ -195,7 +195,10 @@ class ClipGuidance(GradientGuidance):
     def similarity(
         self, images: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """(B,) CLIP cosine of every image to its text embedding, averaged over the cutouts."""
+        """(B,) CLIP cosine of every image to its text embedding, averaged over the cutouts.
+        CLIP sees the images clamped to [-1, 1], but the gradient passes the clamp (straight
+        through): a background pixel predicted below -1 can still be drawn on."""
+        images = images + (images.clamp(-1, 1) - images).detach()
         views = cutouts(images, self.cutouts, self.cut_min, generator)
         emb = self.clip.encode_images(views).view(-1, *text.shape)
         return (emb * text.to(emb.device)).sum(-1).mean(0).to(images.device)
