@@ -90,7 +90,7 @@ def test_guided_training_run_and_sample_cli(tiny_cfg, tmp_path):
     out = sample_main([f"run_dir={run}", "n=4", "steps=3", "guidance=cfg", "guidance.scale=5",
                        f"out={tmp_path / 's'}"])  # fmt: skip
     assert torch.load(out["pt"], weights_only=False)["guidance"] == {"name": "cfg", "scale": 5.0}
-    with pytest.raises(UsageError, match="not an option: one of classifier, cfg, clip, none"):
+    with pytest.raises(UsageError, match="not an option: one of cfg, classifier, clip, none"):
         sample_main([f"run_dir={run}", "guidance=nope"])
     with pytest.raises(UsageError, match="without guidance="):
         sample_main([f"run_dir={run}", "guidance.scale=2"])

@@ -173,7 +173,7 @@ def test_classifier_guided_step_moves_toward_the_class(digits, tmp_path):
     images, labels = digits
     x0 = images[labels != 7][:32]
     model = passthrough_diffusion(tmp_path)
-    t = 300
+    t = 500  # log-SNR about 0 on the cosine schedule
     ab = float(model.schedule.alphas_cumprod[t])
     g = torch.Generator().manual_seed(0)
     x_t = ab**0.5 * x0 + (1 - ab) ** 0.5 * torch.randn(x0.shape, generator=g)
@@ -181,14 +181,14 @@ def test_classifier_guided_step_moves_toward_the_class(digits, tmp_path):
     torch.testing.assert_close(
         last_step(model, x_t, t, ClassifierGuidance(scale=0.0, classes=[7])), plain
     )
-    guide = ClassifierGuidance(scale=1.0, classes=[7])
+    guide = ClassifierGuidance(scale=20.0, classes=[7])
     attach(model, guide)
     guided = last_step(model, x_t, t, guide)
     with torch.no_grad():
         judge = load_digit_classifier()
         before = judge(plain).log_softmax(1)[:, 7]
         after = judge(guided).log_softmax(1)[:, 7]
-    assert (after > before).float().mean() >= 0.9 and after.mean() > before.mean() + 1.0
+    assert (after > before).float().mean() >= 0.9 and after.mean() > before.mean() + 2.0
     assert sampling_protocol(model)["guidance"]["classes"] == [7]
 
 
