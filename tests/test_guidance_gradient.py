@@ -15,6 +15,7 @@ from torch import nn
 from genlab.guidance import GuidanceError, attach
 from genlab.guidance.clip import ClipGuidance, cutouts
 from genlab.metrics.protocol import sampling_protocol
+from genlab.sample import load_model
 from genlab.sample import main as sample_main
 from genlab.train import train
 
@@ -262,8 +263,12 @@ def test_classifier_guidance_through_the_sample_cli(tiny_cfg, tmp_path):
     cfg = tiny_cfg("model=diffusion")
     train(cfg)
     run = Path(cfg.paths.output_dir)
-    args = ["n=3", "steps=2", "guidance=classifier", "guidance.scale=2", "guidance.classes=[3]"]
+    args = ["n=3", "guidance=classifier", "guidance.scale=2", "guidance.classes=[3]",
+            "model.sampler.eta=1", "model.sampler.steps=2"]  # fmt: skip
     out = sample_main([f"run_dir={run}", *args, f"out={tmp_path / 's'}"])
     saved = torch.load(out["pt"], weights_only=False)
+    assert saved["model_overrides"] == ["sampler.eta=1", "sampler.steps=2"]
+    model, _, _ = load_model(run, overrides=["sampler.eta=1", "sampler.steps=2"])
+    assert model.sampler.keywords["eta"] == 1 and model.sampler.keywords["steps"] == 2
     assert saved["images"].shape == (3, 1, 16, 16)
     assert saved["guidance"]["name"] == "classifier" and saved["guidance"]["scale"] == 2.0

@@ -3,6 +3,7 @@
     python -m genlab.sample run_dir=<run> [n=64] [ckpt=last] [seed=0] [ema=true] [steps=50]
                             [label=3] [mean=true] [device=auto] [out=<path without extension>]
                             [guidance=<conf/guidance option> guidance.<key>=<value> ...]
+                            [model.<key>=<value> ...]
 
 Rebuilds the model from ``<run>/.hydra/config.yaml``, loads ``<run>/checkpoints/<ckpt>.ckpt``
 (``weights_only=True``), and writes ``<out>.png`` (a grid) and ``<out>.pt`` (uint8 images
@@ -10,6 +11,8 @@ Rebuilds the model from ``<run>/.hydra/config.yaml``, loads ``<run>/checkpoints/
 Default ``out``: ``<run>/samples/sample_<ckpt>_s<seed>``. ``mean`` (VAEs): the decoder's mean
 image (true, default) or pixels drawn from p(x | z) (false). ``guidance`` (default: the run's
 own) picks a ``conf/guidance`` option, e.g. ``guidance=cfg guidance.scale=3``.
+``model.<key>=<value>`` changes the run's model config before it is built, for settings that
+do not touch the weights: ``model.sampler.eta=1``, ``model.sampler.steps=100``.
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ class UsageError(SystemExit):
     pass
 
 
-def load_model(run_dir: str | Path, ckpt: str = "last", device: str = "cpu"):
-    """The run's family with weights from ``checkpoints/<ckpt>.ckpt``, in eval mode."""
+def load_model(
+    run_dir: str | Path, ckpt: str = "last", device: str = "cpu", overrides: list[str] = ()
+):
+    """The run's family with weights from ``checkpoints/<ckpt>.ckpt``, in eval mode;
+    ``overrides`` (``sampler.eta=1``, ...) are merged into the run's model config first."""
     run_dir = Path(run_dir)
     config_path = run_dir / ".hydra" / "config.yaml"
     if not config_path.exists():
@@ -42,6 +48,8 @@ def load_model(run_dir: str | Path, ckpt: str = "last", device: str = "cpu"):
     if not ckpt_path.exists():
         raise FileNotFoundError(f"checkpoint {ckpt_path} not found (ckpt=last|best|<file>.ckpt)")
     cfg = OmegaConf.load(config_path)
+    if overrides:
+        cfg.model = OmegaConf.merge(cfg.model, OmegaConf.from_dotlist(list(overrides)))
     model = instantiate(cfg.model)
     state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["state_dict"])
@@ -78,18 +86,19 @@ def guidance_config(argv: list[str]) -> tuple[list[str], object]:
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, guidance_conf = guidance_config(argv)
-    args = OmegaConf.from_dotlist(argv)
+    model_overrides = [a.removeprefix("model.") for a in argv if a.startswith("model.")]
+    args = OmegaConf.from_dotlist([a for a in argv if not a.startswith("model.")])
     if "run_dir" not in args:
         raise UsageError(
             "usage: python -m genlab.sample run_dir=<run> [n=64] [ckpt=last] [seed=0] "
             "[ema=true] [steps=N] [label=K] [mean=true] [device=auto] [out=<path>] "
-            "[guidance=cfg guidance.scale=S]"
+            "[guidance=cfg guidance.scale=S] [model.sampler.eta=1]"
         )
     device = args.get("device", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     ckpt = str(args.get("ckpt", "last"))
-    model, cfg, step = load_model(args.run_dir, ckpt, device)
+    model, cfg, step = load_model(args.run_dir, ckpt, device, model_overrides)
     if guidance_conf is None:
         guidance_conf = cfg.get("guidance")  # the run's own
     try:
@@ -133,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": opts.get("steps"),
         "mean": opts.get("mean"),
         "guidance": None if guidance is None else guidance.protocol(),
+        "model_overrides": model_overrides,
     }
     torch.save({"images": to_uint8(images).cpu(), **info}, out.with_suffix(".pt"))
     print(f"wrote {png} and {out.with_suffix('.pt')}")
