@@ -155,11 +155,14 @@ def test_guided_diffusion_run_logs_clip_score(tiny_cfg, tmp_path):
     assert protocol["sampler"]["guidance"]["method"] == "gradient"
     assert "guiding CLIP" in protocol["clip"]["scorer"]
     assert 0 <= summary["metrics"]["val/clip_score"] <= 100
+    grid = json.loads((run / "samples" / "step_0000004.json").read_text())
+    assert grid["columns"] == ["a handwritten seven", "a handwritten one"]  # one per column
     args = ["n=2", "steps=2", "guidance=clip", "guidance.scale=5",
             "guidance.prompts=[a handwritten two]"]  # fmt: skip
     out = sample_main([f"run_dir={run}", *args, f"out={tmp_path / 's'}"])
-    saved = torch.load(out["pt"], weights_only=False)["guidance"]
-    assert saved["method"] == "gradient" and saved["scale"] == 5.0
+    saved = torch.load(out["pt"], weights_only=False)
+    assert saved["guidance"]["method"] == "gradient" and saved["guidance"]["scale"] == 5.0
+    assert saved["columns"] == ["a handwritten two"]
 
 
 # ------------------------------------------------------------------ classifier guidance

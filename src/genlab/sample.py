@@ -24,7 +24,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from genlab.callbacks.samples import class_grid
+from genlab.callbacks.samples import grid_layout, save_columns
 from genlab.data.convert import save_grid, to_uint8
 from genlab.guidance import GuidanceError, attach, build_guidance
 from genlab.metrics.protocol import accepts
@@ -114,9 +114,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"model.vqvae_run={args.run_dir}` and sample that run"
         )
     n, seed = int(args.get("n", 64)), int(args.get("seed", 0))
-    y, nrow = class_grid(model, n)
+    y, nrow, columns = grid_layout(model, n)
     if args.get("label") is not None:
         y, nrow = torch.full((n,), int(args.label), dtype=torch.long), None
+        if columns:  # one class for all: the prompts no longer line up with a class grid
+            nrow = len(columns)
     opts = {}
     if args.get("steps") is not None:
         opts["steps"] = int(args.steps)
@@ -132,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.get("out") or Path(args.run_dir) / "samples" / f"sample_{Path(ckpt).stem}_s{seed}"
     )
     png = save_grid(images, out.with_suffix(".png"), nrow=nrow)
+    if columns:
+        save_columns(png, columns)
     info = {
         "n": n,
         "seed": seed,
@@ -143,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mean": opts.get("mean"),
         "guidance": None if guidance is None else guidance.protocol(),
         "model_overrides": model_overrides,
+        "columns": columns,
     }
     torch.save({"images": to_uint8(images).cpu(), **info}, out.with_suffix(".pt"))
     print(f"wrote {png} and {out.with_suffix('.pt')}")

@@ -5,6 +5,7 @@ grids over time show the model's progress, not sampling noise."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -25,13 +26,47 @@ def class_grid(model, n: int) -> tuple[torch.Tensor | None, int | None]:
     return torch.arange(n) % k, (k if k <= 16 else None)
 
 
-def log_grid(trainer: L.Trainer, key: str, images: torch.Tensor, nrow: int | None = None) -> None:
-    """The grid of images (N, C, H, W) in [-1, 1] through every logger with an image API."""
+def guided_columns(model) -> list[str] | None:
+    """What each grid column is steered toward when guidance cycles prompts or classes over
+    the images without weights (so a grid that many columns wide has one target per column);
+    None otherwise."""
+    guidance = getattr(model, "guidance", None)
+    targets = getattr(guidance, "prompts", None) or getattr(guidance, "classes", None)
+    if not targets or getattr(guidance, "weights", None) is not None or len(targets) > 16:
+        return None
+    return [str(t) for t in targets]
+
+
+def grid_layout(model, n: int) -> tuple[torch.Tensor | None, int | None, list[str] | None]:
+    """(labels, grid width, column captions) for a grid of n samples: one class per column for
+    a conditional model, one guidance target per column for a guided unconditional one."""
+    labels, nrow = class_grid(model, n)
+    columns = guided_columns(model) if labels is None else None
+    return labels, (len(columns) if columns else nrow), columns
+
+
+def log_grid(
+    trainer: L.Trainer,
+    key: str,
+    images: torch.Tensor,
+    nrow: int | None = None,
+    columns: list[str] | None = None,
+) -> None:
+    """The grid of images (N, C, H, W) in [-1, 1] through every logger with an image API,
+    captioned with its step and, for guided grids, what each column was steered toward."""
     step = trainer.global_step
+    caption = f"step {step}" + (f"; columns: {' | '.join(columns)}" if columns else "")
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             grid = make_grid(images, nrow).permute(1, 2, 0).numpy()
-            logger.log_image(key, [grid], step=step, caption=[f"step {step}"])
+            logger.log_image(key, [grid], step=step, caption=[caption])
+
+
+def save_columns(grid: Path, columns: list[str]) -> Path:
+    """``<grid>.json``: {"columns": [...]}, what each column of a guided grid was steered to."""
+    path = Path(grid).with_suffix(".json")
+    path.write_text(json.dumps({"columns": columns}, indent=1) + "\n")
+    return path
 
 
 class SampleGrid(PeriodicCallback):
@@ -56,10 +91,12 @@ class SampleGrid(PeriodicCallback):
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         step = trainer.global_step
         generator = torch.Generator().manual_seed(self.seed)
-        labels, nrow = class_grid(pl_module, self.num_samples)
+        labels, nrow, columns = grid_layout(pl_module, self.num_samples)
         images = pl_module.sample(self.num_samples, y=labels, generator=generator)
         path = save_grid(images, self._dir(trainer) / f"step_{step:07d}.png", nrow=nrow)
-        log_grid(trainer, "samples", images, nrow)
+        if columns:  # the prompts (or classes) of the columns, beside the grid
+            save_columns(path, columns)
+        log_grid(trainer, "samples", images, nrow, columns)
         self.last_path = path
         return path
 

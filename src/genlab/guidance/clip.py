@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from genlab.guidance import GradientGuidance, GuidanceError, cycle
 
@@ -97,7 +98,7 @@ class ClipGuidance(GradientGuidance):
         model: str = "genlab-digits",
         pretrained: str | None = None,
         method: str = "auto",
-        scale: float = 20.0,
+        scale: float = 80.0,
         cutouts: int = 8,
         cut_min: float = 0.7,
         tv_weight: float = 0.0,
@@ -236,6 +237,7 @@ class ClipGuidance(GradientGuidance):
         use_ema = {"use_ema": kw["use_ema"]} if "use_ema" in kw else {}
         gen = torch.Generator().manual_seed(self.seed)
         batch = int(getattr(model, "sample_batch_size", n) or n)
+        bar = bool(kw.get("progress"))
         self.history = []
         out = []
         for start in range(0, n, batch):
@@ -244,7 +246,7 @@ class ClipGuidance(GradientGuidance):
             yb = None if y is None else y[part].to(model.device)
             opt = torch.optim.Adam([z], lr=self.lr)
             trace = []
-            for _ in range(self.steps):
+            for _ in tqdm(range(self.steps), desc="clip: latent", leave=False, disable=not bar):
                 with torch.enable_grad():
                     images = model.generate(z, yb, **use_ema)
                     value, sim = self.clip_objective(images, text[part], gen)
