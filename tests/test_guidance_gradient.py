@@ -104,6 +104,15 @@ def test_clip_gradient_flows_through_the_denoiser(tmp_path):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_reranking_a_diffusion_model_leaves_its_denoiser_alone(tmp_path):
+    model = instantiate(compose_cfg(["model=diffusion", "data=synthetic"], tmp_path).model)
+    guide = ClipGuidance(["a handwritten two"], method="rerank", k=2)
+    attach(model, guide)
+    denoise = model.denoiser(None, use_ema=False)
+    assert guide.wrap(model, denoise, None, False, index=slice(0, 2), n=2) is denoise
+    assert model.sample(2, generator=torch.Generator().manual_seed(0), steps=2).shape[0] == 2
+
+
 def test_cutouts_are_crops_of_each_image():
     x = torch.linspace(-1, 1, 2 * 16 * 16).view(2, 1, 16, 16)
     views = cutouts(x, 3, 1.0)  # full-size crops: the images themselves

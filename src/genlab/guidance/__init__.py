@@ -192,9 +192,10 @@ def build_guidance(conf: DictConfig | dict | None) -> Any | None:
 
 def attach(model, guidance) -> None:
     """Check that ``model`` can take ``guidance`` and attach it. Guidance that works on whole
-    samples (``wrap_sample``: CLIP reranking) wraps the model's ``sample`` on this instance, so
-    grids, the evaluation and the sample command draw guided samples unchanged; guidance that
-    works inside the sampler (``wrap``: CFG) is called by the family."""
+    samples (``wrap_sample``: CLIP reranking and latent optimisation) wraps the model's
+    ``sample`` on this instance, so grids, the evaluation and the sample command draw guided
+    samples unchanged; guidance that works inside the sampler (``wrap``: CFG and gradient
+    guidance) is called by the family on its denoiser."""
     guidance.check(model)
     if hasattr(guidance, "wrap_sample"):  # may hand the plain sample back (gradient methods)
         model.sample = guidance.wrap_sample(type(model).sample.__get__(model), model)

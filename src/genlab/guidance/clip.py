@@ -178,6 +178,13 @@ class ClipGuidance(GradientGuidance):
 
         return guided_sample
 
+    def wrap(self, model, denoise, y, use_ema, **kw):
+        """Gradient guidance of the denoiser; the other methods leave it alone (a diffusion
+        model reranked by CLIP samples its candidates unguided)."""
+        if self.method != "gradient":
+            return denoise
+        return super().wrap(model, denoise, y, use_ema, **kw)
+
     # ------------------------------------------------------------------ the objective
     def prompts_for(self, n: int) -> list[str]:
         """The prompt each of the n images of one ``sample`` call is steered toward."""
