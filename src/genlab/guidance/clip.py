@@ -234,8 +234,9 @@ class ClipGuidance(GradientGuidance):
     def optimise_latents(self, model, n: int, y=None, generator=None, **kw) -> torch.Tensor:
         """n images of ``model.generate(z, y)`` with z optimised from a prior draw by Adam to
         raise the CLIP objective minus ``prior_weight`` times the prior penalty."""
-        if "truncation" in kw or getattr(model, "truncation", None):
-            z0 = model.latents(n, generator, kw.get("truncation", model.truncation))
+        truncation = kw.get("truncation", getattr(model, "truncation", None))
+        if truncation:  # a GAN's truncation trick, as its own sample applies it
+            z0 = model.latents(n, generator, truncation)
         else:
             z0 = model.latents(n, generator)
         if getattr(model, "num_classes", 0) and y is None:
