@@ -57,7 +57,7 @@ class NoisyClassifier(nn.Module):
     """p(y | x_t, log-SNR): three residual blocks at full, 1/2 and 1/4 resolution, each
     modulated by the noise level, then global average pooling and a linear head."""
 
-    def __init__(self, channels: int = 1, num_classes: int = 10, width: int = 32, emb: int = 64):
+    def __init__(self, channels: int = 1, num_classes: int = 10, width: int = 16, emb: int = 64):
         super().__init__()
         self.config = {"channels": channels, "num_classes": num_classes, "width": width,
                        "emb": emb}  # fmt: skip
@@ -113,7 +113,7 @@ class ClassifierGuidance(GradientGuidance):
 
     def __init__(
         self,
-        scale: float = 5.0,
+        scale: float = 30.0,
         classes: Sequence[int] | None = None,
         weights: Sequence[float] | None = None,
         classifier: str | None = None,

@@ -1,6 +1,6 @@
 """Train the noise-aware digit classifier that ``guidance=classifier`` uses:
 
-    python -m genlab.guidance.train_classifier data_dir=<dir with MNIST/raw> [epochs=3]
+    python -m genlab.guidance.train_classifier data_dir=<dir with MNIST/raw> [epochs=2] [width=16]
         [out=<file>] [limit=<images>]
 
 Each training image is noised to x_t = sqrt(a) x0 + sqrt(1 - a) eps at a noise level drawn
@@ -60,11 +60,11 @@ def accuracy_at(net, images, labels, log_snr: float, seed: int = 1) -> float:
 
 def train(
     data_dir: str,
-    epochs: int = 3,
+    epochs: int = 2,
     batch_size: int = 128,
     lr: float = 2e-3,
     limit: int | None = None,
-    width: int = 32,
+    width: int = 16,
 ) -> dict:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv))
     blob = train(
         str(args.get("data_dir", "data")),
-        epochs=int(args.get("epochs", 3)),
+        epochs=int(args.get("epochs", 2)),
         limit=args.get("limit"),
-        width=int(args.get("width", 32)),
+        width=int(args.get("width", 16)),
     )
     out = Path(args.get("out") or WEIGHTS)
     out.parent.mkdir(parents=True, exist_ok=True)
