@@ -65,8 +65,7 @@ def last_step(model, x_t, t, guidance=None):
 @needs_mnist
 def test_one_clip_guided_step_raises_clip_similarity(digits, tmp_path):
     """The same step from the same noisy digits, guided toward "a handwritten seven" and
-    not: the guided result is closer to the prompt in CLIP (the domain CLIP) for every image,
-    and an unrelated prompt is not what rises."""
+    not: the guided result is closer to the prompt in CLIP (the domain CLIP) for every image."""
     images, labels = digits
     x0 = images[labels != 7][:16]
     model = passthrough_diffusion(tmp_path)
