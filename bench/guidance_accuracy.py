@@ -12,7 +12,7 @@ the run's sampler for that job, guided and unguided alike (e.g. model.sampler.et
 
 Example (the README's table):
     --job "CLIP gradient|<diffusion run>|clip|scale=80 cutouts=8 model.sampler.eta=1"
-    --job "classifier|<diffusion run>|classifier|scale=5 model.sampler.eta=1"
+    --job "classifier|<diffusion run>|classifier|scale=30 model.sampler.eta=1"
     --job "CLIP latent|<gan run>|clip|steps=30"
     --job "CLIP rerank|<pixelcnn run>|clip|method=rerank k=8"
     --job "CFG|<conditional diffusion run>|cfg|scale=3"
@@ -30,13 +30,11 @@ but on n samples: biased upward for small n, equally for the guided and unguided
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import time
 from pathlib import Path
 
 import torch
-import yaml
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 from genlab.data import MNISTDataModule, to_model
@@ -76,17 +74,6 @@ def parse_job(text: str) -> dict:
     return {"label": parts[0], "run": parts[1], "guidance": parts[2], "overrides": overrides}
 
 
-def set_sampler(model, overrides: list[str]) -> None:
-    """Apply model.sampler.<arg>=<value> overrides to the model's (partial) sampler."""
-    kwargs = {}
-    for item in overrides:
-        key, value = item.removeprefix("model.sampler.").split("=", 1)
-        kwargs[key] = yaml.safe_load(value)
-    if kwargs:
-        base = model.sampler
-        model.sampler = functools.partial(base.func, *base.args, **{**base.keywords, **kwargs})
-
-
 def draw(model, n: int, y, seed: int = 0) -> tuple[torch.Tensor, float]:
     start = time.perf_counter()
     images = model.sample(n, y=y, generator=torch.Generator().manual_seed(seed)).float()
@@ -122,9 +109,8 @@ def main() -> None:
     unguided: dict[str, dict] = {}  # per run: the same samples serve every job on it
     rows = []
     for job in args.job:
-        model, cfg, step = load_model(job["run"])
         sampler = [o for o in job["overrides"] if o.startswith("model.sampler.")]
-        set_sampler(model, sampler)
+        model, cfg, step = load_model(job["run"], overrides=[o[len("model.") :] for o in sampler])
         y = target if getattr(model, "num_classes", 0) else None
         key = f"{job['run']} {' '.join(sampler)}"
         if key not in unguided:
