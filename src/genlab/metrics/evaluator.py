@@ -120,7 +120,6 @@ class Evaluator:
         self.counters = {"reference_computed": 0, "reference_loaded": 0, "reference_reused": 0}
         self._references: dict[str, dict] = {}
         self._clip = None
-        self._guided = None  # a model's guidance toward prompts, while evaluating that model
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> Evaluator:
@@ -275,15 +274,15 @@ class Evaluator:
         # None where the net never ran whole (no net, or a cached autoregressive sampler)
         stats["nfe"] = rows[0] / n if net is not None and rows[0] > 0 else None
 
-    def _consume(self, chunks: Iterable[torch.Tensor], exts: list[Extractor]) -> dict:
+    def _consume(self, chunks: Iterable[torch.Tensor], exts: list[Extractor], guided=None) -> dict:
         feats: dict[str, list[dict]] = {ext.key: [] for ext in exts}
         clip_scores = []
         count = 0
         for images in chunks:
             for ext in exts:
                 feats[ext.key].append(self.features(ext, images))
-            if self._clip is not None or self._guided is not None:
-                clip_scores.append(self._clip_pairs(images, count))
+            if self._clip is not None or guided is not None:
+                clip_scores.append(self._clip_pairs(images, count, guided))
             count += len(images)
         merged = {
             key: {layer: torch.cat([c[layer] for c in parts]) for layer in parts[0]}
@@ -310,13 +309,13 @@ class Evaluator:
         except WeightsNotFoundError as err:
             self._missing("clip", err)
 
-    def _clip_pairs(self, images: torch.Tensor, offset: int) -> torch.Tensor:
+    def _clip_pairs(self, images: torch.Tensor, offset: int, guided=None) -> torch.Tensor:
         """Per-image CLIP scores. Samples guided toward prompts are scored by the guiding CLIP
         against the prompt each was steered toward (one chunk is one ``sample`` call, and the
         guidance says which prompt each of its images got); others against
         ``clip.prompts``, cycled over all the samples."""
-        if self._guided is not None:
-            clip, pair = self._guided.clip, self._guided.prompts_for(len(images))
+        if guided is not None:
+            clip, pair = guided.clip, guided.prompts_for(len(images))
         else:
             clip, prompts = self._clip, list(self.clip_cfg["prompts"])
             pair = [prompts[(offset + i) % len(prompts)] for i in range(len(images))]
@@ -341,10 +340,10 @@ class Evaluator:
             metrics["clip_score"] = consumed["clip"].mean().item()
         return metrics, ext_protocol
 
-    def _annotate(self, protocol: dict) -> None:
-        if self._guided is not None:
+    def _annotate(self, protocol: dict, guided=None) -> None:
+        if guided is not None:
             protocol["clip"] = {
-                **self._guided.clip.protocol(),
+                **guided.clip.protocol(),
                 "prompts": "each sample's own guidance prompt (sampler.guidance.prompts)",
                 "scorer": "the guiding CLIP: guided samples score high on it by construction",
             }
@@ -372,8 +371,8 @@ class Evaluator:
         exts = self.setup(datamodule.name, device)
         self._setup_clip(device)
         guidance = getattr(model, "guidance", None)  # guided toward prompts: scored against them
-        self._guided = guidance if callable(getattr(guidance, "prompts_for", None)) else None
-        if self._guided is not None:
+        guided = guidance if callable(getattr(guidance, "prompts_for", None)) else None
+        if guided is not None:
             self.not_computed.pop("clip", None)
         metrics: dict[str, float] = {}
         protocol = self.base_protocol(datamodule, n)
@@ -385,7 +384,7 @@ class Evaluator:
             else None,
         )
         wants_samples = (
-            exts or self._clip is not None or self._guided is not None or "cost" in self.metrics
+            exts or self._clip is not None or guided is not None or "cost" in self.metrics
         )
         if wants_samples and not getattr(model, "can_sample", True):  # e.g. VQ-VAE, no prior
             self.not_computed["samples"] = (
@@ -395,7 +394,7 @@ class Evaluator:
             wants_samples = False
         if wants_samples:
             stats = {"sample_s": 0.0, "nfe": None}
-            consumed = self._consume(self._sample_chunks(model, n, stats), exts)
+            consumed = self._consume(self._sample_chunks(model, n, stats), exts, guided)
             fid_metrics, protocol["extractors"] = self._fidelity_results(exts, consumed, datamodule)
             metrics.update(fid_metrics)
             if "cost" in self.metrics:
@@ -405,7 +404,7 @@ class Evaluator:
                 protocol["cost"] = {"device": str(device), "batch": self.sample_batch_size}
         if "bpd" in self.metrics and hasattr(model, "bits_per_dim"):
             metrics["bpd"], protocol["bpd"] = self.bits_per_dim(model, datamodule)
-        self._annotate(protocol)
+        self._annotate(protocol, guided)
         return {
             "metrics": {f"val/{k}": v for k, v in metrics.items()},
             "protocol": protocol,
@@ -417,7 +416,6 @@ class Evaluator:
         start = time.perf_counter()
         exts = self.setup(datamodule.name, device)
         self._setup_clip(device)
-        self._guided = None
         chunks = (
             images[i : i + self.sample_batch_size]
             for i in range(0, len(images), self.sample_batch_size)
