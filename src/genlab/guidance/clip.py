@@ -125,12 +125,12 @@ class ClipGuidance(GradientGuidance):
         self.weights = None if weights is None else [float(w) for w in weights]
         prompt_schedule(self.prompts, self.weights, len(self.prompts))  # checks the weights
         self.clip_model, self.pretrained, self.device = model, pretrained, device
-        self.method, self.k = method, int(k)
+        self.requested, self.method, self.k = method, method, int(k)  # method: once attached
         self.cutouts, self.cut_min = int(cutouts), float(cut_min)
         self.tv_weight, self.range_weight = float(tv_weight), float(range_weight)
         self.steps, self.lr, self.prior_weight = int(steps), float(lr), float(prior_weight)
         self.seed = int(seed)
-        self.history: list[float] = []  # latent optimisation: mean CLIP cosine before each step
+        self.history: list[list[float]] = []  # latent optimisation, per batch: mean cosine per step
         self._clip = None
         self._text: dict[str, torch.Tensor] = {}
 
@@ -153,12 +153,12 @@ class ClipGuidance(GradientGuidance):
             "latent": callable(getattr(model, "generate", None)) and hasattr(model, "latents"),
             "rerank": True,
         }
-        if self.method == "auto":
+        if self.requested == "auto":  # resolved per model: the same object may guide another
             self.method = next(m for m in ("gradient", "latent", "rerank") if can[m])
-        elif not can[self.method]:
+        elif not can[self.requested]:
             needs = {"gradient": "a diffusion model", "latent": "a GAN or VAE decoder"}
             raise GuidanceError(
-                f"guidance.method={self.method} needs {needs[self.method]}; "
+                f"guidance.method={self.requested} needs {needs[self.requested]}; "
                 f"{type(model).__name__} is not one (use guidance.method=auto)"
             )
         self.clip.check_prompts(self.prompts)
