@@ -115,10 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
     n, seed = int(args.get("n", 64)), int(args.get("seed", 0))
     y, nrow, columns = grid_layout(model, n)
-    if args.get("label") is not None:
-        y, nrow = torch.full((n,), int(args.label), dtype=torch.long), None
-        if columns:  # one class for all: the prompts no longer line up with a class grid
-            nrow = len(columns)
+    if args.get("label") is not None:  # one class for all: no class columns (prompt ones stay)
+        y = torch.full((n,), int(args.label), dtype=torch.long)
+        nrow = nrow if columns else None
     opts = {}
     if args.get("steps") is not None:
         opts["steps"] = int(args.steps)
