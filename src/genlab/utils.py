@@ -9,7 +9,20 @@ import os
 from pathlib import Path
 from typing import Any
 
-CONF_DIR = Path(os.environ.get("GENLAB_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
+
+def _conf_dir() -> Path:
+    """The Hydra config tree: $GENLAB_CONF_DIR if set, else the genlab/conf/ an installed wheel
+    ships (setup.py copies it there at build time), else the checkout's top-level conf/ (a
+    source tree or an editable install, which reads conf/ live)."""
+    if os.environ.get("GENLAB_CONF_DIR"):
+        return Path(os.environ["GENLAB_CONF_DIR"]).expanduser().resolve()
+    package = Path(__file__).resolve().parent
+    if (package / "conf" / "config.yaml").is_file():
+        return package / "conf"
+    return package.parents[1] / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 
 def wandb_mode(requested: str | None) -> str:
