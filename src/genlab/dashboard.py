@@ -14,6 +14,10 @@ network: data, sample grids (PNG as data URIs), styles and scripts are all insid
   (``time/train_s``, logged by the WallClock callback);
 - each run's newest sample grid (and reconstructions where there are some), side by side;
 - the configuration keys whose values differ between the runs.
+
+Whatever a run directory holds (its name, config values, metric names, errors, overrides) is
+shown as text, never markup: html.escape in the HTML written here, ``<``/``>``/``&`` as
+``\\u003c``... in the embedded JSON, and textContent / createElement in the page's script.
 """
 
 from __future__ import annotations
@@ -239,7 +243,7 @@ document.querySelectorAll('#runs th').forEach((th, col) => {
 
 // one chart: series [{name, color, points: [[x, y], ...]}]
 function chart(svg, series, xlabel, ylabel, lines, logy, logx) {
-  svg.innerHTML = '';
+  svg.replaceChildren();
   const W = +svg.getAttribute('width'), H = +svg.getAttribute('height');
   const m = {l: 60, r: lines ? 10 : 110, t: 10, b: 36};
   if (logy) series = series.map(s => ({...s, points: s.points.filter(p => p[1] > 0)
@@ -278,9 +282,12 @@ function chart(svg, series, xlabel, ylabel, lines, logy, logx) {
   });
   return drawn;
 }
-function legend(div) {
-  div.innerHTML = DATA.runs.map((r, i) =>
-    `<span><i style="background:${color(i)}"></i>${r.name}</span>`).join('');
+function legend(div) {  // run names are text, never markup
+  DATA.runs.forEach((r, i) => {
+    const span = div.appendChild(document.createElement('span'));
+    span.appendChild(document.createElement('i')).style.background = color(i);
+    span.appendChild(document.createTextNode(r.name));
+  });
 }
 
 // metric curves
@@ -329,10 +336,20 @@ window.addEventListener('load', () => {
 """
 
 
+def script_json(data: dict) -> str:
+    """JSON to embed in a <script> element: ``<``, ``>`` and ``&`` are written as ``\\u003c``
+    etc., so no value (``</script>``, ``<!--<script>``) can close or re-open the element; the
+    parsed data are unchanged."""
+    text = json.dumps(data)
+    for char in "<>&":
+        text = text.replace(char, f"\\u{ord(char):04x}")
+    return text
+
+
 def render(data: dict) -> str:
     runs = data["runs"]
     done = sum(r["status"] == "completed" for r in runs)
-    payload = json.dumps(data).replace("</", "<\\/")
+    payload = script_json(data)
     title = f"genlab: {Path(data['root']).name}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>

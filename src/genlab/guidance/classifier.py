@@ -20,6 +20,7 @@ from torch import nn
 
 from genlab.guidance import GradientGuidance, GuidanceError, cycle
 from genlab.metrics.common import WeightsNotFoundError, sha256_file
+from genlab.metrics.digits import WeightsFileError, load_state, load_weights_file
 
 WEIGHTS = Path(__file__).with_name("weights") / "noisy_digits.pt"
 LOG_SNR_RANGE = (-15.0, 15.0)  # inputs are clamped to it (beyond it the image is noise / clean)
@@ -84,17 +85,26 @@ class NoisyClassifier(nn.Module):
 
 
 def load_noisy_classifier(path: str | Path | None = None, device: str = "cpu") -> NoisyClassifier:
-    """The shipped (or given) noise-aware classifier in eval mode."""
+    """The shipped (or given) noise-aware classifier in eval mode. Raises WeightsNotFoundError
+    for a missing file, WeightsFileError for a corrupt one, one of another network or one
+    holding more than tensors (read with weights_only=True: never unpickled beyond them)."""
     path = Path(path or WEIGHTS)
+    fix = (
+        f"train them with `python -m genlab.guidance.train_classifier data_dir=<dir with "
+        f"MNIST/raw> out={path}` (or point guidance.classifier at a file it wrote)"
+    )
     if not path.exists():
-        raise WeightsNotFoundError(
-            f"noise-aware classifier weights not found at {path}: train them with "
-            f"`python -m genlab.guidance.train_classifier data_dir=<dir with MNIST/raw> "
-            f"out={path}` (or point guidance.classifier at a file it wrote)"
-        )
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    net = NoisyClassifier(**blob["config"])
-    net.load_state_dict(blob["state_dict"])
+        raise WeightsNotFoundError(f"noise-aware classifier weights not found at {path}: {fix}")
+    what = "noise-aware classifier"
+    blob = load_weights_file(path, what, fix)
+    if not isinstance(blob, dict) or not isinstance(blob.get("config"), dict):
+        raise WeightsFileError(f"{what} weights {path} have no config: {fix}")
+    try:
+        net = NoisyClassifier(**blob["config"])
+    except TypeError as err:
+        msg = f"{what} weights {path} have an unknown config ({err}): {fix}"
+        raise WeightsFileError(msg) from err
+    net = load_state(net, blob.get("state_dict"), path, what, fix)
     return net.to(device).eval().requires_grad_(False)
 
 

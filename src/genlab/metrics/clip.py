@@ -30,12 +30,14 @@ crop; the model's mean/std), so the image path can carry gradients (CLIP guidanc
 
 Weights are never silently random: a missing file, an unknown tag or a failed download raises
 ``WeightsNotFoundError`` naming the file or URL and the ``metrics.clip.*`` key that points at a
-local copy.
+local copy. Weights files are read with ``weights_only=True`` (a pickle holding more than tensors
+is refused, never run); one that cannot be loaded is one ``WeightsFileError`` line naming it.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,9 +48,11 @@ import open_clip.factory
 import open_clip.pretrained
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from genlab.metrics.common import WeightsNotFoundError, sha256_file, sha256_state
+from genlab.metrics.digits import load_weights_file, weights_error
 
 WEIGHT = 100.0  # torchmetrics' and most papers' scale; Hessel et al. use 2.5
 LONG_PROMPTS = ("truncate", "error")
@@ -131,7 +135,7 @@ def _load_local_dir(directory: Path, device: str | torch.device) -> tuple[nn.Mod
             f"(*.safetensors, *.bin, *.pth; open_clip would initialise randomly): {fix}"
         )
     name = f"{LOCAL_DIR}{directory}"
-    clip = open_clip.create_model(name, device=device, require_pretrained=True)
+    clip = _create_model(name, weights, fix, device=device)
     tokenizer = open_clip.get_tokenizer(name)
     return _finish(clip, tokenizer, name, str(weights), weights, device)
 
@@ -182,15 +186,30 @@ def _load_builtin(
         )
     # open_clip only warns when a tag wants QuickGELU and the config lacks it (ViT-B-32 +
     # openai): the model would run with the wrong activation, so force it as the tag says.
-    clip = open_clip.create_model(
+    clip = _create_model(
         name,
+        weights,
+        "download the weights again and set metrics.clip.pretrained=<path to the file>",
         pretrained=str(weights),
         device=device,
         force_quick_gelu=quick_gelu,
         force_preprocess_cfg=preprocess,
-        require_pretrained=True,
     )
     return _finish(clip, open_clip.get_tokenizer(name), name, pretrained, weights, device)
+
+
+def _create_model(name: str, weights: Path, fix: str, **kwargs) -> nn.Module:
+    """``open_clip.create_model`` with its weights file ``weights`` read safely: a pickle-format
+    file is first read by genlab with ``weights_only=True`` (a crafted one is refused before
+    open_clip opens it), open_clip is told ``weights_only=True`` too, and a file that cannot be
+    loaded is one ``WeightsFileError`` line naming it and ``fix``."""
+    what = f"CLIP {name}"
+    if weights.suffix not in (".safetensors", ".npz", ".npy"):  # formats that hold no pickle
+        load_weights_file(weights, what, fix)
+    try:
+        return open_clip.create_model(name, require_pretrained=True, weights_only=True, **kwargs)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
+        raise weights_error(what, weights, err, fix) from err
 
 
 def _download(name: str, tag: str, tag_cfg: dict, cache_dir: str | None) -> Path:

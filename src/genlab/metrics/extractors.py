@@ -4,7 +4,9 @@ extractors (so torch-fidelity's own metric code runs on their features).
 - ``inception``: torch-fidelity's ``inception-v3-compat``, the TF-Inception port that papers'
   FID numbers come from. Its weights file is looked up (``path``, then the torch hub cache) and
   downloaded as torch-fidelity does when online; otherwise ``WeightsNotFoundError`` names the
-  file, its URL and ``metrics.inception_weights=<path>``.
+  file, its URL and ``metrics.inception_weights=<path>``. genlab reads the file itself with
+  ``weights_only=True`` (``SafeInceptionV3``): torch-fidelity would unpickle it with
+  ``weights_only=False``, running whatever code a crafted file holds.
 - ``digits``: ``genlab-digits``, the small MNIST classifier shipped in ``metrics/weights``: a
   128-d penultimate layer for Frechet distance / KID / precision-recall and 10 logits for a
   classifier Inception Score. Offline and fast on a CPU; its numbers are not comparable with
@@ -16,8 +18,10 @@ repeated to RGB before they get here (``to_rgb_uint8``).
 
 from __future__ import annotations
 
+import io
 import math
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -34,9 +38,15 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from genlab.metrics.common import WeightsNotFoundError, sha256_file
 from genlab.metrics.digits import WEIGHTS as DIGIT_WEIGHTS
-from genlab.metrics.digits import load_digit_classifier
+from genlab.metrics.digits import (
+    WeightsFileError,
+    load_digit_classifier,
+    load_weights_file,
+    one_line,
+)
 
 INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]
+INCEPTION_HINT = f"download {URL_INCEPTION_V3} and set metrics.inception_weights=<path to the file>"
 DOWNLOAD_TIMEOUT_S = 30
 
 
@@ -89,16 +99,55 @@ if "genlab-digits" not in FEATURE_EXTRACTORS_REGISTRY:
 
 
 # ------------------------------------------------------------------ Inception weights
+class SafeInceptionV3(FeatureExtractorInceptionV3):
+    """torch-fidelity's ``inception-v3-compat`` whose weights file genlab reads itself, with
+    ``torch.load(weights_only=True)``: torch-fidelity's constructor unpickles the file it is
+    given with ``weights_only=False``, which runs any code a crafted file holds. It is handed
+    the checked state dict re-serialised in memory (tensors only), never the file. A refused,
+    corrupt or mismatching file is one ``WeightsFileError`` line naming it."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        if not feature_extractor_weights_path:  # torch-fidelity would download and unpickle
+            raise WeightsNotFoundError(f"no Inception weights file given: {INCEPTION_HINT}")
+        path = feature_extractor_weights_path
+        safe = _in_memory(load_inception_state(path))
+        try:
+            super().__init__(name, features_list, feature_extractor_weights_path=safe, **kwargs)
+        except RuntimeError as err:  # load_state_dict: missing/unexpected keys, other shapes
+            raise WeightsFileError(
+                f"Inception weights {path} do not fit inception-v3-compat ({one_line(err)}): "
+                f"{INCEPTION_HINT}"
+            ) from err
+
+
+def load_inception_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The Inception state dict in ``path``, read with ``weights_only=True``; WeightsFileError
+    when it is unreadable, refused or not a {name: tensor} dict."""
+    state = load_weights_file(path, "Inception", INCEPTION_HINT)
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise WeightsFileError(
+            f"Inception weights {path} are not a state dict (name -> tensor): {INCEPTION_HINT}"
+        )
+    return dict(state)
+
+
+def _in_memory(state: dict[str, torch.Tensor]) -> io.BytesIO:
+    """``state`` as a torch.save file in memory (what torch-fidelity's constructor loads)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
 def inception_weights_path(path: str | Path | None = None, download: bool = True) -> Path:
     """The Inception-v3 weights file torch-fidelity uses: ``path`` if given, else the torch hub
     cache (``$TORCH_HOME/hub/checkpoints``), downloaded there when missing and online."""
     if path:
         path = Path(path).expanduser()
         if not path.is_file():
-            raise WeightsNotFoundError(
-                f"Inception weights not found at {path}: download {URL_INCEPTION_V3} and set "
-                f"metrics.inception_weights=<path to the file>"
-            )
+            raise WeightsNotFoundError(f"Inception weights not found at {path}: {INCEPTION_HINT}")
         return path
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     if cached.is_file():
@@ -130,8 +179,7 @@ def save_random_inception(path: str | Path, seed: int = 0) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({}, path)  # the constructor insists on reading a file
-    net = _Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    net = _Unloaded("inception-v3-compat", ["2048"], _in_memory({}))  # it insists on a file
     g = torch.Generator().manual_seed(seed)
     for module in net.modules():
         if isinstance(module, BasicConv2d):
@@ -196,7 +244,7 @@ def build_extractor(
     if key == "inception":
         path = inception_weights_path(weights)
         cls, name, resize = (
-            FeatureExtractorInceptionV3,
+            SafeInceptionV3,
             "inception-v3-compat",
             "torch-fidelity TF1-compatible bilinear resize of uint8 images to 299x299",
         )
