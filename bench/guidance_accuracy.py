@@ -38,12 +38,12 @@ import torch
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 from genlab.data import MNISTDataModule, to_model
-from genlab.guidance import attach, build_guidance
+from genlab.guidance import build_guidance
 from genlab.metrics.clip import CLIPScore
 from genlab.metrics.digits import load_digit_classifier
-from genlab.metrics.protocol import sampling_protocol
 from genlab.metrics.train_clip import WORDS
-from genlab.sample import guidance_config, load_model
+from genlab.runs import load_model
+from genlab.utils import compose
 
 PROMPTS = [f"a handwritten {w}" for w in WORDS]
 
@@ -111,15 +111,16 @@ def main() -> None:
     for job in args.job:
         sampler = [o for o in job["overrides"] if o.startswith("model.sampler.")]
         model, cfg, step = load_model(job["run"], overrides=[o[len("model.") :] for o in sampler])
-        y = target if getattr(model, "num_classes", 0) else None
+        y = target if model.num_classes else None
         key = f"{job['run']} {' '.join(sampler)}"
         if key not in unguided:
             unguided[key] = measure(*draw(model, args.n, y))
         extra = [f"guidance.prompts=[{','.join(PROMPTS)}]"] if job["guidance"] == "clip" else []
         settings = [f"guidance.{o}" for o in job["overrides"] if o not in sampler]
-        _, conf = guidance_config([f"guidance={job['guidance']}", *extra, *settings])
-        guide = build_guidance(conf)
-        attach(model, guide)
+        conf = compose("sample", [f"run_dir={job['run']}", f"guidance={job['guidance']}",
+                                  *extra, *settings]).guidance  # fmt: skip
+        model.set_guidance(build_guidance(conf))
+        guide = model.guidance
         row = {
             "label": job["label"],
             "run": job["run"],
@@ -128,7 +129,7 @@ def main() -> None:
             "step": step,
             "n": args.n,
             "guidance": guide.protocol(),
-            "sampler": sampling_protocol(model),
+            "sampler": model.describe()["sampler"],
             "unguided": unguided[key],
             "guided": measure(*draw(model, args.n, y)),
         }

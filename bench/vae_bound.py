@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from tqdm import tqdm
 
 from genlab.data.convert import to_model
-from genlab.sample import load_model
+from genlab.runs import load_model
 
 
 def main() -> None:

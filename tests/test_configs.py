@@ -7,6 +7,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 
 from genlab.families import AutoregressiveModule
+from genlab.families.contract import Denoising, Generative, Reconstructing
 from genlab.utils import CONF_DIR
 
 from .conftest import TINY, compose_cfg, group_options
@@ -50,15 +51,15 @@ def test_model_options_instantiate_on_every_geometry(model, data, tmp_path):
         assert bpd.shape == (2,) and torch.isfinite(bpd).all()
         out = module.net(x, y)
         out = out[:, 0] if module.net.output == "categorical" else out[:, : x.shape[1]]
-    elif hasattr(module, "net"):  # diffusion: one denoiser call (sampling at 64 px is slow)
-        out = module.net(x, torch.zeros(2, dtype=torch.long))
-    elif getattr(module, "can_sample", True):  # one-shot samplers (GANs, VAEs): the contract
+    elif isinstance(module, Denoising):  # one denoiser call (sampling at 64 px is slow)
+        out = module.denoiser()(x, torch.zeros(2, dtype=torch.long))
+    elif isinstance(module, Generative):  # one-shot samplers (GANs, VAEs): the contract
         y = torch.zeros(2, dtype=torch.long) if module.num_classes else None
         out = module.sample(2, y=y)
     else:  # a VQ-VAE without a prior
         out = module.reconstruct(x)
     assert out.shape == x.shape
-    if hasattr(module, "reconstruct"):  # encoders and decoders fit every geometry
+    if isinstance(module, Reconstructing):  # encoders and decoders fit every geometry
         y = torch.zeros(2, dtype=torch.long) if module.num_classes else None
         assert module.reconstruct(x, y).shape == x.shape
 

@@ -15,7 +15,7 @@ from genlab.families.gan import GANModule, gradient_penalty, r1_penalty
 from genlab.nets.augment import diff_augment
 from genlab.nets.ema import EMA
 from genlab.nets.gan import DCGANDiscriminator, DCGANGenerator, ResNetDiscriminator
-from genlab.sample import load_model
+from genlab.runs import load_model
 from genlab.train import train
 
 

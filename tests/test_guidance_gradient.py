@@ -12,10 +12,9 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from genlab.guidance import GuidanceError, attach
+from genlab.guidance import GuidanceError
 from genlab.guidance.clip import ClipGuidance, cutouts
-from genlab.metrics.protocol import sampling_protocol
-from genlab.sample import load_model
+from genlab.runs import load_model
 from genlab.sample import main as sample_main
 from genlab.train import train
 
@@ -57,7 +56,8 @@ def last_step(model, x_t, t, guidance=None):
     denoiser's x0 there, guided or not."""
     denoise = model.denoiser(None, use_ema=False)
     if guidance is not None:
-        denoise = guidance.wrap(model, denoise, None, False, index=slice(0, len(x_t)), n=len(x_t))
+        denoise = guidance.wrap_denoiser(model, denoise, None, index=slice(0, len(x_t)),
+                                         n=len(x_t))  # fmt: skip
     with torch.no_grad():
         return denoise(x_t, torch.full((len(x_t),), t)).clamp(-1, 1)
 
@@ -74,14 +74,14 @@ def test_one_clip_guided_step_raises_clip_similarity(digits, tmp_path):
     ab = float(model.schedule.alphas_cumprod[t])
     x_t = ab**0.5 * x0 + (1 - ab) ** 0.5 * torch.randn(x0.shape, generator=g)
     guide = ClipGuidance(["a handwritten seven"], scale=2.0, cutouts=4, cut_min=0.8)
-    attach(model, guide)
+    model.set_guidance(guide)
     plain = last_step(model, x_t, t)
-    guided = last_step(model, x_t, t, guide)
+    guided = last_step(model, x_t, t, model.guidance)
     with torch.no_grad():
         seven = guide.clip.cosine(guided, "a handwritten seven")
         seven_plain = guide.clip.cosine(plain, "a handwritten seven")
     assert (seven > seven_plain).all(), seven - seven_plain
-    assert sampling_protocol(model)["guidance"]["method"] == "gradient"
+    assert model.describe()["sampler"]["guidance"]["method"] == "gradient"
 
 
 def test_clip_gradient_flows_through_the_denoiser(tmp_path):
@@ -95,9 +95,9 @@ def test_clip_gradient_flows_through_the_denoiser(tmp_path):
         return model.sample(3, generator=torch.Generator().manual_seed(0), steps=3, use_ema=False)
 
     plain = draw()
-    attach(model, ClipGuidance(["a handwritten two"], scale=0.0, cutouts=2))
+    model.set_guidance(ClipGuidance(["a handwritten two"], scale=0.0, cutouts=2))
     torch.testing.assert_close(draw(), plain)
-    attach(model, ClipGuidance(["a handwritten two"], scale=50.0, cutouts=2))
+    model.set_guidance(ClipGuidance(["a handwritten two"], scale=50.0, cutouts=2))
     guided = draw()
     assert guided.shape == plain.shape and not torch.allclose(guided, plain)
     assert all(p.grad is None for p in model.parameters())
@@ -106,9 +106,9 @@ def test_clip_gradient_flows_through_the_denoiser(tmp_path):
 def test_reranking_a_diffusion_model_leaves_its_denoiser_alone(tmp_path):
     model = instantiate(compose_cfg(["model=diffusion", "data=synthetic"], tmp_path).model)
     guide = ClipGuidance(["a handwritten two"], method="rerank", k=2)
-    attach(model, guide)
+    model.set_guidance(guide)
     denoise = model.denoiser(None, use_ema=False)
-    assert guide.wrap(model, denoise, None, False, index=slice(0, 2), n=2) is denoise
+    assert model.guidance.wrap_denoiser(model, denoise, None, index=slice(0, 2), n=2) is denoise
     assert model.sample(2, generator=torch.Generator().manual_seed(0), steps=2).shape[0] == 2
 
 
@@ -129,11 +129,11 @@ def test_latent_optimisation_raises_similarity_monotonically(preset, tmp_path):
     torch.manual_seed(0)
     model = instantiate(cfg.model).eval()
     guide = ClipGuidance(["a handwritten three"], steps=6, lr=0.01, cutouts=0, prior_weight=0.01)
-    attach(model, guide)
-    assert guide.method == "latent"
+    model.set_guidance(guide)
+    assert model.guidance.method == "latent"
     out = model.sample(8, generator=torch.Generator().manual_seed(0))
     assert out.shape == (8, 1, 28, 28) and out.min() >= -1 and out.max() <= 1
-    (trace,) = guide.history
+    (trace,) = model.guidance.history
     assert all(b > a for a, b in zip(trace, trace[1:])), trace
     assert all(p.grad is None for p in model.parameters())
     with torch.no_grad():  # the returned images are the optimised ones, not the prior draws
@@ -141,13 +141,13 @@ def test_latent_optimisation_raises_similarity_monotonically(preset, tmp_path):
         before = guide.clip.cosine(model.generate(z).clamp(-1, 1), "a handwritten three")
         after = guide.clip.cosine(out, "a handwritten three")
     assert after.mean() > before.mean()
-    assert sampling_protocol(model)["guidance"]["steps"] == 6
+    assert model.describe()["sampler"]["guidance"]["steps"] == 6
 
 
 def test_clip_method_must_fit_the_model(tmp_path):
     gan = instantiate(compose_cfg(["model=gan", "data=synthetic"], tmp_path).model)
     with pytest.raises(GuidanceError, match="method=gradient needs a diffusion model"):
-        attach(gan, ClipGuidance(["a seven"], method="gradient"))
+        gan.set_guidance(ClipGuidance(["a seven"], method="gradient"))
     with pytest.raises(GuidanceError, match="cut_min"):
         ClipGuidance(["a seven"], cut_min=0)
 
@@ -194,14 +194,14 @@ def test_classifier_guided_step_moves_toward_the_class(digits, tmp_path):
         last_step(model, x_t, t, ClassifierGuidance(scale=0.0, classes=[7])), plain
     )
     guide = ClassifierGuidance(scale=20.0, classes=[7])
-    attach(model, guide)
+    model.set_guidance(guide)
     guided = last_step(model, x_t, t, guide)
     with torch.no_grad():
         judge = load_digit_classifier()
         before = judge(plain).log_softmax(1)[:, 7]
         after = judge(guided).log_softmax(1)[:, 7]
     assert (after > before).float().mean() >= 0.9 and after.mean() > before.mean() + 2.0
-    assert sampling_protocol(model)["guidance"]["classes"] == [7]
+    assert model.describe()["sampler"]["guidance"]["classes"] == [7]
 
 
 def test_classifier_guidance_uses_a_conditional_models_labels(tmp_path):
@@ -223,11 +223,11 @@ def test_classifier_guidance_errors_are_clear(tmp_path):
         ClassifierGuidance(classes=[12])
     gan = instantiate(compose_cfg(["model=gan", "data=synthetic"], tmp_path).model)
     with pytest.raises(GuidanceError, match="needs a diffusion model"):
-        attach(gan, ClassifierGuidance())
+        gan.set_guidance(ClassifierGuidance())
     rgb = instantiate(compose_cfg(["model=diffusion", "data=synthetic", "data.channels=3"],
                                   tmp_path).model)  # fmt: skip
     with pytest.raises(GuidanceError, match="reads 1-channel images"):
-        attach(rgb, ClassifierGuidance())
+        rgb.set_guidance(ClassifierGuidance())
 
 
 @needs_mnist
@@ -275,7 +275,7 @@ def test_classifier_guidance_through_the_sample_cli(tiny_cfg, tmp_path):
     train(cfg)
     run = Path(cfg.paths.output_dir)
     args = ["n=3", "guidance=classifier", "guidance.scale=2", "guidance.classes=[3]",
-            "model.sampler.eta=1", "model.sampler.steps=2"]  # fmt: skip
+            "+model.sampler.eta=1", "+model.sampler.steps=2"]  # fmt: skip
     out = sample_main([f"run_dir={run}", *args, f"out={tmp_path / 's'}"])
     saved = torch.load(out["pt"], weights_only=False)
     assert saved["model_overrides"] == ["sampler.eta=1", "sampler.steps=2"]
@@ -283,3 +283,29 @@ def test_classifier_guidance_through_the_sample_cli(tiny_cfg, tmp_path):
     assert model.sampler.keywords["eta"] == 1 and model.sampler.keywords["steps"] == 2
     assert saved["images"].shape == (3, 1, 16, 16)
     assert saved["guidance"]["name"] == "classifier" and saved["guidance"]["scale"] == 2.0
+
+
+def test_one_clip_guidance_guides_two_families_each_its_own_way(tmp_path):
+    """The same ClipGuidance(method=auto) bound to a diffusion model and to a GAN: the first
+    follows the CLIP gradient inside its sampler, the second optimises its latents; neither
+    binding changes the other, and nothing replaces either model's sample method."""
+    diffusion = instantiate(compose_cfg(["model=diffusion", "data=mnist"], tmp_path).model)
+    gan = instantiate(compose_cfg(["model=gan", "data=mnist"], tmp_path).model)
+    guide = ClipGuidance(["a handwritten two"], scale=50.0, cutouts=0, steps=2)
+    diffusion.set_guidance(guide)
+    gan.set_guidance(guide)
+    assert diffusion.guidance.method == "gradient" and gan.guidance.method == "latent"
+    assert diffusion.describe()["sampler"]["guidance"]["method"] == "gradient"
+    assert gan.describe()["sampler"]["guidance"]["method"] == "latent"
+    assert "sample" not in vars(diffusion) and "sample" not in vars(gan)
+
+    def draw(model, **kw):
+        return model.sample(2, generator=torch.Generator().manual_seed(0), use_ema=False, **kw)
+
+    guided = draw(diffusion, steps=2), draw(gan)
+    assert len(gan.guidance.history) == 1 and len(gan.guidance.history[0]) == 2
+    diffusion.set_guidance(None)
+    gan.set_guidance(None)
+    plain = draw(diffusion, steps=2), draw(gan)
+    for g, p in zip(guided, plain):
+        assert g.shape == p.shape and not torch.allclose(g, p)

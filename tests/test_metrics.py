@@ -301,8 +301,8 @@ def test_evaluate_cli_on_images_in_three_formats(tmp_path, mnist_root):
         "data=mnist",
         f"paths.data_dir={mnist_root}",
         f"paths.cache_dir={tmp_path / 'cache'}",
-        "extractors=[digits]",
-        "reference_samples=2000",
+        "+metrics.extractors=[digits]",
+        "+metrics.reference_samples=2000",
         "device=cpu",
     ]
     results = [
@@ -321,14 +321,16 @@ def test_evaluate_cli_on_images_in_three_formats(tmp_path, mnist_root):
                 f"images={tmp_path / 's.pt'}",
                 *common[:3],
                 "device=cpu",
-                f"inception_weights={tmp_path / 'nope.pth'}",
+                f"+metrics.inception_weights={tmp_path / 'nope.pth'}",
             ]
         )
     with pytest.raises(SystemExit, match="expected uint8"):
         torch.save(images.float(), tmp_path / "f.pt")
         evaluate_main([f"images={tmp_path / 'f.pt'}", *common])
-    with pytest.raises(SystemExit, match="unknown option"):
+    with pytest.raises(SystemExit, match="num_sampels"):  # Hydra: not in the config
         evaluate_main([f"images={tmp_path / 's.pt'}", *common, "num_sampels=3"])
+    with pytest.raises(SystemExit, match="unknown metrics setting.*num_sampels"):
+        evaluate_main([f"images={tmp_path / 's.pt'}", *common, "+metrics.num_sampels=3"])
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 
 from genlab.evaluate import main as evaluate_main
-from genlab.sample import load_model
+from genlab.runs import load_model
 from genlab.sample import main as sample_main
 from genlab.train import train
 
@@ -181,7 +181,9 @@ def test_cli_run_directory_wandb_offline_and_sample_cli(tmp_path):
     # with the digit extractor alone the result is appended to summary.json
     with pytest.raises(SystemExit, match="missing-inception.pth"):
         evaluate_main([f"run_dir={run}", "n=8", "device=cpu"])
-    evaluate_main([f"run_dir={run}", "n=8", "steps=2", "extractors=[digits]", "device=cpu"])
+    evaluate_main(
+        [f"run_dir={run}", "n=8", "steps=2", "+metrics.extractors=[digits]", "device=cpu"]
+    )
     evaluations = json.loads((run / "summary.json").read_text())["evaluations"]
     assert len(evaluations) == 1 and evaluations[0]["step"] == 3
     assert evaluations[0]["protocol"]["sampler"]["steps"] == 2

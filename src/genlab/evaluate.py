@@ -1,18 +1,21 @@
-"""Evaluate a finished run, or images made by any tool, with genlab's evaluation protocol.
+"""Evaluate a finished run, or images made by any tool, with genlab's evaluation protocol
+(a Hydra app; ``conf/evaluate.yaml``).
 
-    python -m genlab.evaluate run_dir=<run> [n=5000] [metrics=[fid,kid,is,pr,bpd,cost]]
-                              [ckpt=last] [steps=N] [device=auto] [<evaluator key>=value ...]
-    python -m genlab.evaluate images=<folder|.npz|.pt> data=<preset> [n=N]
-                              [metrics=[fid,kid,is,pr]] [paths.data_dir=<dir>] [data.<key>=...]
-                              [out=<file.json>] [<evaluator key>=value ...]
+    python -m genlab.evaluate run_dir=<run> [n=5000] [ckpt=last] [steps=N] [device=auto]
+                              [metrics=<preset>] [metrics.<key>=<value> | +metrics.<key>=<value>]
+    python -m genlab.evaluate images=<folder|.npz|.pt> data=<preset> [n=N] [metrics=<preset>]
+                              [paths.data_dir=<dir>] [data.<key>=...] [out=<file.json>]
 
 A run is evaluated with its own ``metrics`` config (``conf/metrics/default.yaml`` for runs that
-have none) and the overrides given; the result and its protocol are appended to the run's
+have none, and for images), or the preset chosen with ``metrics=<preset>``; what ``metrics``
+holds after composition is merged over it (``+metrics.extractors=[digits]`` changes one
+setting of the run's own). The result and its protocol are appended to the run's
 ``summary.json`` under ``evaluations``. Images are uint8 (N, C, H, W) or (N, H, W, C): a
 folder of image files, an ``.npz`` (the first array, e.g. ``arr_0`` as written by the ADM /
 guided-diffusion samplers) or a ``.pt`` (a tensor, or a dict with ``images`` as written by
-``python -m genlab.sample``). Evaluator keys: see ``genlab.metrics.Evaluator`` (for example
-``extractors=[digits]``, ``reference_samples=null``, ``inception_weights=<file>``).
+``python -m genlab.sample``). Metrics keys: see ``genlab.metrics.Evaluator`` (for example
+``metrics.extractors=[digits]``, ``metrics.reference_samples=null``,
+``metrics.inception_weights=<file>``).
 Missing weights stop the command with one line saying which file and how to provide it.
 """
 
@@ -20,33 +23,31 @@ from __future__ import annotations
 
 import inspect
 import json
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
+import hydra
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
 from genlab.data import readers
+from genlab.families.contract import Denoising
 from genlab.metrics.common import WeightsNotFoundError
 from genlab.metrics.evaluator import Evaluator
-from genlab.utils import CONF_DIR, read_summary, write_summary
+from genlab.runs import load_model, read_summary, write_summary
+from genlab.sample import device_of
+from genlab.utils import CONF_DIR, UsageError, compose
 
-RESERVED = {"run_dir", "images", "data", "paths", "n", "ckpt", "steps", "device", "out"}
 USAGE = (
-    "usage: python -m genlab.evaluate run_dir=<run> [n=N] [metrics=[fid,kid,is,pr,bpd]] ...\n"
+    "usage: python -m genlab.evaluate run_dir=<run> [n=N] [metrics=<preset>] ...\n"
     "   or: python -m genlab.evaluate images=<folder|.npz|.pt> data=<preset> [n=N] ..."
 )
-
-
-class UsageError(SystemExit):
-    pass
+# keys of a metrics config that configure the callback, not the evaluation
+CALLBACK_KEYS = {"_target_", "every_n_steps", "at_end"}
 
 
 # ------------------------------------------------------------------ reading images
@@ -100,38 +101,24 @@ def load_images(path: str | Path) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ configs
-def _evaluator_overrides(args: DictConfig) -> dict:
-    params = set(inspect.signature(Evaluator).parameters)
-    extra = {k: v for k, v in args.items() if k not in RESERVED}
-    unknown = sorted(set(extra) - params)
+def metrics_config(cfg: DictConfig, base: DictConfig | None, context: DictConfig) -> dict:
+    """The evaluator's settings: ``cfg.metrics`` (what was composed: a preset, single keys,
+    or nothing) merged over ``base`` (the run's own metrics config, or the default preset),
+    resolved against ``context`` (the run's config, or this command's)."""
+    if base is None or "_target_" not in base:
+        base = OmegaConf.load(CONF_DIR / "metrics" / "default.yaml")
+    context = OmegaConf.create(OmegaConf.to_container(context))  # not struct: metrics is new
+    merged = OmegaConf.merge(context, {"metrics": base}, {"metrics": cfg.get("metrics") or {}})
+    settings = OmegaConf.to_container(merged.metrics, resolve=True)
+    allowed = set(inspect.signature(Evaluator).parameters) | CALLBACK_KEYS
+    unknown = sorted(set(settings) - allowed)
     if unknown:
         raise UsageError(
-            f"unknown option(s) {unknown}; evaluator options: {sorted(params)}\n{USAGE}"
+            f"error: unknown metrics setting(s) {unknown}; one of {sorted(allowed - CALLBACK_KEYS)}"
         )
-    out = OmegaConf.to_container(OmegaConf.create(extra), resolve=True)
-    if "n" in args:
-        out["num_samples"] = int(args.n)
-    return out
-
-
-def _metrics_cfg(cfg: DictConfig) -> DictConfig:
-    """The run's metrics config, or the default preset resolved against the run's config."""
-    if cfg.get("metrics") and "_target_" in cfg.metrics:
-        return cfg.metrics
-    merged = OmegaConf.merge(
-        cfg, {"metrics": OmegaConf.load(CONF_DIR / "metrics" / "default.yaml")}
-    )
-    return merged.metrics
-
-
-def _compose_data(preset: str, overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=[f"data={preset}", *overrides])
-
-
-def _device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if cfg.get("n") is not None:
+        settings["num_samples"] = int(cfg.n)
+    return {k: v for k, v in settings.items() if k not in CALLBACK_KEYS}
 
 
 def _print(result: dict) -> None:
@@ -143,21 +130,18 @@ def _print(result: dict) -> None:
 
 
 # ------------------------------------------------------------------ the two modes
-def evaluate_run(args: DictConfig) -> dict:
-    from genlab.sample import load_model
-
-    run_dir = Path(args.run_dir)
-    ckpt = str(args.get("ckpt", "last"))
-    device = _device(str(args.get("device", "auto")))
-    model, cfg, step = load_model(run_dir, ckpt, device)
-    if args.get("steps") is not None and isinstance(getattr(model, "sampler", None), partial):
-        model.sampler = partial(
-            model.sampler.func, **{**model.sampler.keywords, "steps": int(args.steps)}
-        )
-    evaluator = Evaluator.from_config(
-        _metrics_cfg(cfg), on_missing_weights="raise", **_evaluator_overrides(args)
-    )
-    datamodule = instantiate(cfg.data)
+def evaluate_run(cfg: DictConfig) -> dict:
+    run_dir = Path(cfg.run_dir)
+    ckpt = str(cfg.ckpt)
+    model, run_cfg, step = load_model(run_dir, ckpt, device_of(cfg.device))
+    if cfg.steps is not None:
+        if not isinstance(model, Denoising):
+            raise UsageError(f"steps= is for diffusion models; {type(model).__name__} has none")
+        sampler = model.sampler
+        model.sampler = partial(sampler.func, **{**sampler.keywords, "steps": int(cfg.steps)})
+    settings = metrics_config(cfg, run_cfg.get("metrics"), run_cfg)
+    evaluator = Evaluator(**settings, on_missing_weights="raise")
+    datamodule = instantiate(run_cfg.data)
     result = evaluator.evaluate_model(model, datamodule)
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "ckpt": ckpt, "step": step, **result}
     summary = read_summary(run_dir)
@@ -165,62 +149,50 @@ def evaluate_run(args: DictConfig) -> dict:
     return record
 
 
-def evaluate_images(args: DictConfig) -> dict:
-    if "data" not in args or not isinstance(args.data, str):
+def evaluate_images(cfg: DictConfig) -> dict:
+    if cfg.get("data") is None:
         raise UsageError(f"images=... needs data=<preset> (one of conf/data/*.yaml)\n{USAGE}")
-    overrides = [f"data.{k}={v}" for k, v in (args.get("data_overrides") or {}).items()]
-    overrides += [f"{k}={v}" for k, v in _dotted(args, "paths")]
-    cfg = _compose_data(args.data, overrides)
-    images = load_images(args.images)
-    if "n" in args:
-        images = images[: int(args.n)]
-    evaluator = Evaluator.from_config(
-        cfg.metrics, on_missing_weights="raise", **_evaluator_overrides(args)
-    )
-    evaluator.metrics = [m for m in evaluator.metrics if m not in ("bpd", "cost")]
+    images = load_images(cfg.images)
+    if cfg.n is not None:
+        images = images[: int(cfg.n)]
+    settings = metrics_config(cfg, None, cfg)
+    settings["metrics"] = [m for m in settings.get("metrics", []) if m not in ("bpd", "cost")]
+    evaluator = Evaluator(**settings, on_missing_weights="raise")
     datamodule = instantiate(cfg.data)
-    result = evaluator.evaluate_images(images, datamodule, _device(str(args.get("device", "auto"))))
-    result["images"] = {"source": str(args.images), "shape": list(images.shape)}
+    result = evaluator.evaluate_images(images, datamodule, device_of(cfg.device))
+    result["images"] = {"source": str(cfg.images), "shape": list(images.shape)}
     return result
 
 
-def _dotted(args: DictConfig, prefix: str) -> list[tuple[str, object]]:
-    node = args.get(prefix)
-    if not isinstance(node, DictConfig):
-        return []
-    return [(f"{prefix}.{k}", v) for k, v in node.items()]
-
-
-def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # metrics.<key>=... (as in training configs) is the same as <key>=...
-    argv = [a[len("metrics.") :] if a.startswith("metrics.") else a for a in argv]
-    data_overrides = {
-        a.split("=", 1)[0][5:]: a.split("=", 1)[1] for a in argv if a.startswith("data.")
-    }
-    args = OmegaConf.from_dotlist([a for a in argv if not a.startswith("data.")])
-    if data_overrides:
-        args.data_overrides = data_overrides
-        RESERVED.add("data_overrides")
-    if ("run_dir" in args) == ("images" in args):
+def run(cfg: DictConfig) -> dict:
+    """Evaluate as ``cfg`` (a composed ``conf/evaluate.yaml``) says; print and return it."""
+    if (cfg.run_dir is None) == (cfg.images is None):
         raise UsageError(USAGE)
+    with open_dict(cfg):
+        cfg.seed = cfg.get("seed", 0)
     try:
-        result = evaluate_run(args) if "run_dir" in args else evaluate_images(args)
-    except (
-        WeightsNotFoundError,
-        readers.DatasetNotFoundError,
-        FileNotFoundError,
-        ValueError,
-    ) as err:
+        result = evaluate_run(cfg) if cfg.run_dir is not None else evaluate_images(cfg)
+    except (WeightsNotFoundError, readers.DatasetNotFoundError, FileNotFoundError,
+            ValueError) as err:  # fmt: skip
         raise UsageError(f"error: {err}") from None
     _print(result)
-    if args.get("out"):
-        Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
-        print(f"wrote {args.out}")
-    elif "run_dir" in args:
-        print(f"appended to {Path(args.run_dir) / 'summary.json'} (evaluations)")
+    if cfg.out:
+        Path(cfg.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {cfg.out}")
+    elif cfg.run_dir is not None:
+        print(f"appended to {Path(cfg.run_dir) / 'summary.json'} (evaluations)")
     return result
+
+
+def main(argv: list[str]) -> dict:
+    """``python -m genlab.evaluate <argv>`` from Python (tests, notebooks)."""
+    return run(compose("evaluate", argv))
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+def cli(cfg: DictConfig) -> None:
+    run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,18 +1,138 @@
-"""Reading run directories back: which runs a folder holds, what each one recorded
-(summary.json, metrics.csv, sample grids, its composed config). Shared by the sweep's summary,
-the dashboard and the comparison notebook."""
+"""The run directory, in one place: writing files atomically, summary.json, reading a run
+back (its config, checkpoint and model), and finding runs and what each recorded
+(metrics.csv, sample grids, its composed config). Used by training, the sample and evaluate
+commands, the sweep's summary, the dashboard and the comparison notebook.
+
+Layout (DESIGN.md): ``.hydra/config.yaml`` (the composed config), ``checkpoints/last.ckpt``
+(+ best), ``samples/`` (PNG grids by step), ``metrics.csv``, ``summary.json``.
+"""
 
 from __future__ import annotations
 
 import csv
+import json
 import math
+import os
 import re
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NamedTuple
 
-from omegaconf import OmegaConf
+import torch
+from omegaconf import DictConfig, OmegaConf
 
-from genlab.utils import read_summary
+
+# ------------------------------------------------------------------ atomic writes
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """A file that appears at ``path`` complete or not at all: written to a temporary file in
+    the same directory, flushed, fsynced and renamed over the target (``os.replace`` is
+    atomic on POSIX and Windows); on any failure the temporary file is removed and the old
+    target, if any, is untouched. The file gets the usual permissions (0666 less the umask)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    with atomic_file(path, "wb") as f:
+        torch.save(obj, f)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    with atomic_file(path, "w") as f:
+        f.write(text)
+    return Path(path)
+
+
+# ------------------------------------------------------------------ summary.json
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_summary(run_dir: str | Path, summary: dict, merge: bool = True) -> Path:
+    """Write (or merge into) ``<run_dir>/summary.json`` atomically."""
+    path = Path(run_dir) / "summary.json"
+    data = read_summary(run_dir) if merge else {}
+    data.update(_jsonable(summary))
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_summary(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+# ------------------------------------------------------------------ reading a run back
+class LoadedRun(NamedTuple):
+    model: Any  # the family, with its weights, in eval mode
+    cfg: DictConfig  # the run's composed config (with any model overrides merged)
+    step: int | None  # the checkpoint's global step
+
+
+def checkpoint_path(run_dir: str | Path, ckpt: str = "last") -> Path:
+    """``<run>/checkpoints/<ckpt>.ckpt``, or ``ckpt`` itself when it is a .ckpt file."""
+    if str(ckpt).endswith(".ckpt"):
+        return Path(ckpt)
+    return Path(run_dir) / "checkpoints" / f"{ckpt}.ckpt"
+
+
+def load_model(
+    run_dir: str | Path,
+    ckpt: str = "last",
+    device: str = "cpu",
+    overrides: Sequence[str] | dict = (),
+    build: Callable[[DictConfig], Any] | None = None,
+) -> LoadedRun:
+    """The run's family with weights from ``checkpoints/<ckpt>.ckpt`` (``weights_only=True``,
+    EMA included), in eval mode on ``device``; ``overrides`` (``["sampler.eta=1"]`` or a dict)
+    are merged into the run's model config first."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / ".hydra" / "config.yaml"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: run_dir must be a genlab run directory")
+    ckpt_path = checkpoint_path(run_dir, ckpt)
+    if not ckpt_path.exists():
+        raise FileNotFoundError(f"checkpoint {ckpt_path} not found (ckpt=last|best|<file>.ckpt)")
+    cfg = OmegaConf.load(config_path)
+    if overrides:
+        extra = (
+            OmegaConf.create(dict(overrides)) if isinstance(overrides, dict | DictConfig)
+            else OmegaConf.from_dotlist(list(overrides))
+        )  # fmt: skip
+        cfg.model = OmegaConf.merge(cfg.model, extra)
+    if build is None:
+        from hydra.utils import instantiate as build
+    model = build(cfg.model)
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["state_dict"])
+    return LoadedRun(model.to(device).eval(), cfg, state.get("global_step"))
+
 
 # the columns a comparison leads with, in this order, where any run has them
 HEADLINE = [
@@ -38,6 +158,7 @@ def _natural(path: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
 
+# ------------------------------------------------------------------ finding runs
 def find_runs(root: str | Path) -> list[Path]:
     """Run directories under root (root itself included): those with a summary.json or a
     .hydra/config.yaml, in natural order (job 2 before job 10)."""

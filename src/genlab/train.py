@@ -22,9 +22,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from genlab.callbacks.checkpoint import AtomicCheckpointIO
 from genlab.callbacks.evaluation import Evaluation
-from genlab.guidance import attach, build_guidance
-from genlab.metrics.protocol import sampling_protocol
-from genlab.utils import CONF_DIR, read_summary, sweep_dir, wandb_mode, write_summary
+from genlab.guidance import build_guidance
+from genlab.runs import read_summary, write_summary
+from genlab.utils import CONF_DIR, sweep_dir, wandb_mode
 
 log = logging.getLogger("genlab")
 
@@ -86,12 +86,13 @@ def build_callbacks(cfg: DictConfig) -> list:
 
 
 def protocol(cfg: DictConfig, model, datamodule) -> dict:
+    described = model.describe()  # the same description the evaluation records
     return {
         "dataset": _choices().get("data", type(datamodule).__name__),
         "split": "val",
-        "image_shape": list(model.image_shape),
-        "sampler": sampling_protocol(model),  # the same description the evaluation records
-        "weights": "ema" if getattr(model, "ema", None) is not None else "raw",
+        "image_shape": described["image_shape"],
+        "sampler": described["sampler"],
+        "weights": described["weights"],
         "seed": cfg.seed,
     }
 
@@ -191,9 +192,7 @@ def _train(cfg: DictConfig, run_dir: Path, fingerprint: str, state: dict) -> dic
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    guidance = build_guidance(cfg.get("guidance"))
-    if guidance is not None:  # sample grids and the evaluation then sample guided
-        attach(model, guidance)
+    model.set_guidance(build_guidance(cfg.get("guidance")))  # grids and evaluation sample guided
     marks: dict = {}  # step at which fitting started (non-zero when resuming), for images/s
     mark = L.pytorch.callbacks.LambdaCallback(
         on_train_start=lambda tr, pl: marks.update(step=tr.global_step, time=time.time())
@@ -211,7 +210,7 @@ def _train(cfg: DictConfig, run_dir: Path, fingerprint: str, state: dict) -> dic
         gradient_clip_val=clip,
         strategy=strategy,
         callbacks=[*build_callbacks(cfg), mark],
-        logger=build_loggers(cfg, run_dir, family_name(model)),
+        logger=build_loggers(cfg, run_dir, model.family),
         plugins=[AtomicCheckpointIO()],
     )
     state["trainer"] = trainer
@@ -272,11 +271,6 @@ def _train(cfg: DictConfig, run_dir: Path, fingerprint: str, state: dict) -> dic
             lg.experiment.summary.update(summary["metrics"])
     log.info("run directory: %s", run_dir)
     return summary
-
-
-def family_name(model) -> str:
-    """The family as a W&B tag: GANModule -> gan, VQPriorModule -> vqprior."""
-    return type(model).__name__.removesuffix("Module").lower()
 
 
 def objective(cfg: DictConfig, summary: dict) -> float | None:

@@ -1,13 +1,11 @@
-"""Run-directory helpers shared by the entry points: config location, summary.json, W&B mode."""
+"""Shared by the entry points: where the config tree is, the W&B mode, the sweep directory,
+the one-line usage error. (The run directory itself: ``genlab.runs``.)"""
 
 from __future__ import annotations
 
-import json
-import math
 import netrc
 import os
 from pathlib import Path
-from typing import Any
 
 
 def _conf_dir() -> Path:
@@ -52,31 +50,26 @@ def sweep_dir() -> Path | None:
     return Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
 
 
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item") and getattr(value, "numel", lambda: 2)() == 1:
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
+class UsageError(SystemExit):
+    """A command was given something it cannot use: one line saying what and what to do
+    (exits with status 1 and the message, no traceback)."""
 
 
-def write_summary(run_dir: str | Path, summary: dict, merge: bool = True) -> Path:
-    """Write (or merge into) ``<run_dir>/summary.json`` atomically."""
-    path = Path(run_dir) / "summary.json"
-    data = read_summary(run_dir) if merge else {}
-    data.update(_jsonable(summary))
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+def compose(config_name: str, overrides: list[str]):
+    """The config ``python -m genlab.<command> <overrides>`` would run (Hydra's compose API,
+    for calling a command from Python); a bad override raises ``UsageError`` with Hydra's
+    one-line message."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-
-def read_summary(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UsageError(f"error: {' '.join(str(err).split())}") from None
+    finally:
+        GlobalHydra.instance().clear()

@@ -1,6 +1,6 @@
 """Lightning callbacks that reach a family only through its public contract."""
 
-from genlab.callbacks.checkpoint import AtomicCheckpointIO, LastCheckpoint, atomic_torch_save
+from genlab.callbacks.checkpoint import AtomicCheckpointIO, LastCheckpoint
 from genlab.callbacks.clock import WallClock
 from genlab.callbacks.evaluation import Evaluation
 from genlab.callbacks.interpolation import LatentInterpolation, LatentTraversal
@@ -15,6 +15,5 @@ __all__ = [
     "SampleGrid",
     "AtomicCheckpointIO",
     "LastCheckpoint",
-    "atomic_torch_save",
     "WallClock",
 ]

@@ -1,36 +1,18 @@
 """Atomic checkpoint writes: a checkpoint file is either the old one or the complete new one.
 
 Lightning's own writer streams into the target path, so a run killed mid-write (SIGKILL, out
-of memory, preemption) can leave a truncated ``last.ckpt``. Here the bytes go to a temporary
-file in the same directory, are flushed and fsynced, and replace the target with
-``os.replace`` (atomic on POSIX and Windows). Loading defaults to ``weights_only=True``.
+of memory, preemption) can leave a truncated ``last.ckpt``. Here it goes through
+``genlab.runs.atomic_torch_save``. Loading defaults to ``weights_only=True``.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from genlab.runs import atomic_torch_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from genlab.callbacks.periodic import PeriodicCallback
 from genlab.callbacks.samples import log_grid
 from genlab.data.convert import save_grid, to_model
+from genlab.families.contract import Reconstructing
 
 
 def validation_images(trainer, pl_module, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -20,7 +21,7 @@ def validation_images(trainer, pl_module, n: int) -> tuple[torch.Tensor, torch.T
     conditional model (else None)."""
     images, labels = trainer.datamodule.load_split("val").tensors
     x = to_model(images[:n]).to(pl_module.device)
-    y = labels[:n].to(pl_module.device) if getattr(pl_module, "num_classes", 0) else None
+    y = labels[:n].to(pl_module.device) if pl_module.num_classes else None
     return x, y
 
 
@@ -31,7 +32,7 @@ class Reconstructions(PeriodicCallback):
 
     @rank_zero_only
     def write(self, trainer, pl_module) -> Path | None:
-        if not hasattr(pl_module, "reconstruct"):
+        if not isinstance(pl_module, Reconstructing):
             return None
         x, y = validation_images(trainer, pl_module, self.num_images)
         recon = pl_module.reconstruct(x, y)

@@ -15,26 +15,21 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from genlab.callbacks.periodic import PeriodicCallback
 from genlab.data.convert import make_grid, save_grid
+from genlab.families.contract import Generative
 
 
 def class_grid(model, n: int) -> tuple[torch.Tensor | None, int | None]:
     """Labels (n,) cycling through the classes of a conditional model (None if unconditional)
     and the grid width that puts one class per column (None: square grid)."""
-    k = int(getattr(model, "num_classes", 0) or 0)
+    k = model.num_classes
     if k <= 0:
         return None, None
     return torch.arange(n) % k, (k if k <= 16 else None)
 
 
 def guided_columns(model) -> list[str] | None:
-    """What each grid column is steered toward when guidance cycles prompts or classes over
-    the images without weights (so a grid that many columns wide has one target per column);
-    None otherwise."""
-    guidance = getattr(model, "guidance", None)
-    targets = getattr(guidance, "prompts", None) or getattr(guidance, "classes", None)
-    if not targets or getattr(guidance, "weights", None) is not None or len(targets) > 16:
-        return None
-    return [str(t) for t in targets]
+    """What each grid column is steered toward (``Guidance.columns``), None if unguided."""
+    return None if model.guidance is None else model.guidance.columns()
 
 
 def grid_layout(model, n: int) -> tuple[torch.Tensor | None, int | None, list[str] | None]:
@@ -101,5 +96,5 @@ class SampleGrid(PeriodicCallback):
         return path
 
     def fire(self, trainer, pl_module):
-        if getattr(pl_module, "can_sample", True):  # a VQ-VAE without a prior cannot
+        if isinstance(pl_module, Generative):  # a VQ-VAE without a prior cannot
             self.write(trainer, pl_module)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from genlab.data import readers
 from genlab.data.convert import to_model
 from genlab.data.readers import not_found
+from genlab.runs import atomic_torch_save
 
 SPLITS = ("train", "val")
 BINARIZE = (None, "static", "dynamic")
@@ -171,10 +172,7 @@ class ImageDataModule(L.LightningDataModule):
             )
             labels = labels.long()
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                torch.save({"images": images, "labels": labels}, tmp)
-                os.replace(tmp, path)
+                atomic_torch_save({"images": images, "labels": labels}, path)
         self._check(images, labels, split)
         if self.binarize:
             self._grey[split] = TensorDataset(images, labels)

@@ -20,18 +20,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-import lightning as L
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from genlab.families.common import (
-    RNGCheckpointMixin,
-    check_finite,
-    class_marginal_nll,
-    count_parameters,
-    optimizers,
-)
+from genlab.families.base import GenerativeModule
+from genlab.families.common import check_finite, class_marginal_nll
 from genlab.metrics.likelihood import (
     categorical_bits_per_dim,
     discretized_mix_logistic_nll,
@@ -52,7 +46,7 @@ def to_values(k: torch.Tensor) -> torch.Tensor:
     return k.float() / 127.5 - 1
 
 
-class AutoregressiveModule(RNGCheckpointMixin, L.LightningModule):
+class AutoregressiveModule(GenerativeModule):
     """Args:
     net: ``net(x, y) -> logits (B, 256, C, H, W)`` (``net.output == "categorical"``) or
         mixture parameters (B, P, H, W) (``"logistic_mixture"``, with ``net.num_mixtures``).
@@ -72,14 +66,14 @@ class AutoregressiveModule(RNGCheckpointMixin, L.LightningModule):
         fast_sampling: bool = True,
         sample_batch_size: int = 64,
     ):
-        super().__init__()
+        super().__init__(
+            optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3)), lr_scheduler
+        )
         if net.output not in ("categorical", "logistic_mixture"):
             raise ValueError(f"unknown network output {net.output!r}")
         self.net = net
         self.image_shape = tuple(int(s) for s in image_shape)
         self.num_classes = int(num_classes)
-        self.optimizer_fn = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
-        self.lr_scheduler_fn = lr_scheduler
         self.fast_sampling = fast_sampling
         self.sample_batch_size = int(sample_batch_size)
 
@@ -96,22 +90,24 @@ class AutoregressiveModule(RNGCheckpointMixin, L.LightningModule):
         return nats_to_bits_per_dim(nats, x[0].numel())
 
     @torch.no_grad()
-    def bits_per_dim(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def bits_per_dim(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, generator=None
+    ) -> torch.Tensor:
         """Exact bits/dim (B,) of 8-bit images x in [-1, 1]; a conditional model without
-        labels gives the marginal over uniformly weighted classes."""
-        was_training = self.training
-        self.eval()
+        labels gives the marginal over uniformly weighted classes. (Exact: ``generator`` is
+        unused.)"""
+        with self.evaluating():
+            return self._bits_per_dim(x, y).float()
+
+    def _bits_per_dim(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if self.num_classes and y is None:
             dims = x[0].numel()
             nats = class_marginal_nll(
                 lambda c: self.nll_bits_per_dim(x, c) * (dims * math.log(2)),
                 self.num_classes, x.shape[0], x.device,
             )  # fmt: skip
-            bpd = nats_to_bits_per_dim(nats, dims)
-        else:
-            bpd = self.nll_bits_per_dim(x, y)
-        self.train(was_training)
-        return bpd.float()
+            return nats_to_bits_per_dim(nats, dims)
+        return self.nll_bits_per_dim(x, y)
 
     def bpd_protocol(self) -> dict:
         marginal = f", marginalised over {self.num_classes} classes" if self.num_classes else ""
@@ -129,15 +125,14 @@ class AutoregressiveModule(RNGCheckpointMixin, L.LightningModule):
         x, y = batch
         self.log("val/loss", self.nll_bits_per_dim(x, y).mean(), prog_bar=True, sync_dist=True)
 
-    def configure_optimizers(self):
-        return optimizers(self.optimizer_fn, self.lr_scheduler_fn, self.net.parameters())
+    def trainable_parameters(self):
+        return self.net.parameters()
 
     # ------------------------------------------------------------------ sampling
-    @property
-    def parameter_count(self) -> int:
-        return count_parameters(self.net)
+    def counted_module(self) -> nn.Module:
+        return self.net
 
-    def sampling_net(self, use_ema: bool = True) -> nn.Module:
+    def nfe_module(self) -> nn.Module:
         return self.net
 
     def sampling_protocol(self) -> dict:
@@ -188,32 +183,18 @@ class AutoregressiveModule(RNGCheckpointMixin, L.LightningModule):
         out = self.net(x, y)
         return out[:, :, :, i, j] if self._per_channel else out[:, :, i, j]
 
-    @torch.no_grad()
-    def sample(
-        self,
-        n: int,
-        y: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        *,
-        fast: bool | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        """n images (n, C, H, W) in [-1, 1] on the 8-bit grid. ``y`` (n,) labels for a
-        conditional model (None: uniform random labels from ``generator``); ``fast`` picks the
-        cached sampler (default ``fast_sampling``) or the plain one."""
+    def draw(self, m, y, generator, *, noise, index, n, progress, fast=None):
+        """One chunk, pixel by pixel; ``fast`` picks the cached sampler (default
+        ``fast_sampling``) or the plain one. A conditional model given no labels gets uniform
+        random ones. ``progress`` shows rows done over the whole request."""
         fast = self.fast_sampling if fast is None else fast
-        was_training = self.training
-        self.eval()
-        if self.num_classes and y is None:
-            y = torch.randint(0, self.num_classes, (n,), generator=generator)
-        rows = self.image_shape[1] * math.ceil(n / self.sample_batch_size)
-        bar = tqdm(total=rows, desc="sampling rows", leave=False) if progress else None
-        out = []
-        for start in range(0, n, self.sample_batch_size):
-            m = min(self.sample_batch_size, n - start)
-            yb = None if not self.num_classes else y[start : start + m].to(self.device)
-            out.append(self._sample_batch(yb, m, generator, fast, bar))
-        if bar is not None:
+        bar = None
+        if progress:
+            if index.start == 0:
+                rows = self.image_shape[1] * math.ceil(n / self.sample_batch_size)
+                self._bar = tqdm(total=rows, desc="sampling rows", leave=False)
+            bar = self._bar
+        x = self._sample_batch(y, m, generator, fast, bar)
+        if bar is not None and index.stop == n:
             bar.close()
-        self.train(was_training)
-        return torch.cat(out)
+        return x

@@ -10,25 +10,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from genlab.diffusion import process
-from genlab.diffusion.samplers import Denoiser, ddim
+from genlab.diffusion.samplers import ddim
 from genlab.diffusion.schedules import LinearSchedule, NoiseSchedule
-from genlab.families.common import (
-    RNGCheckpointMixin,
-    check_finite,
-    count_parameters,
-    optimizers,
-)
+from genlab.families.base import GenerativeModule
+from genlab.families.common import check_finite
+from genlab.families.contract import Denoiser
 from genlab.nets.ema import EMA
 
 
-class DiffusionModule(RNGCheckpointMixin, L.LightningModule):
+def sampler_protocol(sampler: Callable) -> dict:
+    """A sampler's name and settings: a partial's function name and its keywords."""
+    if isinstance(sampler, partial):  # Hydra's partials may wrap a partial: the innermost name
+        keywords = {k: v for k, v in sampler.keywords.items() if isinstance(v, int | float | str)}
+        return {**sampler_protocol(sampler.func), **keywords}
+    return {"name": getattr(sampler, "__name__", type(sampler).__name__)}
+
+
+class DiffusionModule(GenerativeModule):
     """Denoising diffusion probabilistic model.
 
     Args:
@@ -63,15 +68,15 @@ class DiffusionModule(RNGCheckpointMixin, L.LightningModule):
         bpd_timesteps: int = 100,
         sample_batch_size: int = 256,
     ):
-        super().__init__()
+        super().__init__(
+            optimizer or (lambda params: torch.optim.AdamW(params, lr=2e-4)), lr_scheduler
+        )
         if prediction not in process.PREDICTIONS:
             raise ValueError(f"prediction must be one of {process.PREDICTIONS}, got {prediction!r}")
         self.net = net
         self.image_shape = tuple(int(s) for s in image_shape)
         self.schedule = schedule or LinearSchedule()
         self.prediction = prediction
-        self.optimizer_fn = optimizer or (lambda params: torch.optim.AdamW(params, lr=2e-4))
-        self.lr_scheduler_fn = lr_scheduler
         self.ema = EMA(net, ema_decay) if ema_decay > 0 else None
         self.num_classes = int(num_classes)
         self.cond_drop_prob = cond_drop_prob
@@ -79,7 +84,8 @@ class DiffusionModule(RNGCheckpointMixin, L.LightningModule):
         self.variance = variance
         self.bpd_timesteps = bpd_timesteps
         self.sample_batch_size = sample_batch_size
-        self.guidance = None  # genlab.guidance.attach: wraps the denoiser when sampling
+
+    random_labels = False  # no labels: the unconditional model (the "no class" token)
 
     # ------------------------------------------------------------------ training
     def _labels(self, y: torch.Tensor | None, drop: bool) -> torch.Tensor | None:
@@ -118,58 +124,45 @@ class DiffusionModule(RNGCheckpointMixin, L.LightningModule):
         loss = self.diffusion_loss(x, self._labels(y, drop=False), generator=g).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
-    def configure_optimizers(self):
-        return optimizers(self.optimizer_fn, self.lr_scheduler_fn, self.net.parameters())
+    def trainable_parameters(self):
+        return self.net.parameters()
 
     # ------------------------------------------------------------------ the family contract
-    def sampling_net(self, use_ema: bool = True) -> nn.Module:
-        return self.ema.module if (use_ema and self.ema is not None) else self.net
+    def ema_target(self) -> nn.Module:
+        return self.net
+
+    def counted_module(self) -> nn.Module:
+        return self.net
+
+    def nfe_module(self) -> nn.Module:
+        return self.net
+
+    def sampling_protocol(self) -> dict:
+        return sampler_protocol(self.sampler)
 
     def denoiser(self, y: torch.Tensor | None = None, use_ema: bool = True) -> Denoiser:
-        """``denoise(x_t, t) -> x0_hat`` for the samplers and for guidance to wrap."""
-        net = self.sampling_net(use_ema)
+        """``denoise(x_t, t) -> x0_hat`` for the samplers and for guidance to wrap. With
+        ``use_ema`` the network runs with the EMA weights swapped in for each call."""
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             labels = None if y is None else y[: x_t.shape[0]]
-            out = net(x_t, t, labels)
+            with self.ema_weights(use_ema):
+                out = self.net(x_t, t, labels)
             return process.predict_x0(self.prediction, self.schedule, x_t, t, out)
 
         return denoise
 
-    @property
-    def parameter_count(self) -> int:
-        return count_parameters(self.net)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        n: int,
-        y: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        *,
-        steps: int | None = None,
-        use_ema: bool = True,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        """Draw n images (n, C, H, W) in [-1, 1]. ``y`` (n,) labels for a conditional model
-        (None: unconditional, via the "no class" token). ``generator`` is a CPU generator."""
-        was_training = self.training
-        self.eval()
-        out = []
-        for start in range(0, n, self.sample_batch_size):
-            m = min(self.sample_batch_size, n - start)
-            x_T = torch.randn((m, *self.image_shape), generator=generator).to(self.device)
-            labels = None if y is None else y[start : start + m].to(self.device)
-            opts = {"generator": generator, "progress": progress}
-            if steps is not None:
-                opts["steps"] = steps
-            denoise = self.denoiser(labels, use_ema)
-            wrap = getattr(self.guidance, "wrap", None)  # guidance inside the sampler
-            if wrap is not None:
-                denoise = wrap(self, denoise, labels, use_ema, index=slice(start, start + m), n=n)
-            out.append(self.sampler(denoise, x_T, self.schedule, **opts))
-        self.train(was_training)
-        return torch.cat(out).clamp(-1, 1)
+    def draw(self, m, y, generator, *, noise, index, n, progress, steps=None):
+        """One chunk: x_T ~ N(0, I) from ``generator``, then the sampler on the (guided)
+        denoiser; ``steps`` overrides the sampler's step count."""
+        x_T = torch.randn((m, *self.image_shape), generator=generator).to(self.device)
+        opts = {"generator": generator, "progress": progress}
+        if steps is not None:
+            opts["steps"] = steps
+        denoise = self.denoiser(y, use_ema=False)  # sample() has swapped the EMA weights in
+        if self.guidance is not None:
+            denoise = self.guidance.wrap_denoiser(self, denoise, y, index=index, n=n)
+        return self.sampler(denoise, x_T, self.schedule, **opts)
 
     def bpd_protocol(self) -> dict:
         """How ``bits_per_dim`` estimates the bound (recorded with every val/bpd)."""
@@ -201,12 +194,16 @@ class DiffusionModule(RNGCheckpointMixin, L.LightningModule):
         uniformly per stratum, its term weighted by the stratum size. Each term uses one
         sample of x_t ~ q(x_t | x_0). Divided by C*H*W*ln 2 to give bits/dim.
         """
-        net_was_training = self.training
-        self.eval()
         T = self.schedule.num_timesteps
         k = min(int(timesteps or self.bpd_timesteps), T)
+        denoise = self.denoiser(None if y is None else y.to(self.device), use_ema=False)
+        with self.evaluating(), self.ema_weights(use_ema):
+            total = self._bound(x, denoise, T, k, generator)
+        return total / (math.prod(x.shape[1:]) * math.log(2.0))
+
+    def _bound(self, x, denoise, T: int, k: int, generator) -> torch.Tensor:
+        """L_T + weighted KL terms + L_0 per image, in nats (see ``bits_per_dim``)."""
         b = x.shape[0]
-        denoise = self.denoiser(None if y is None else y.to(self.device), use_ema)
         if k >= T:  # every term: rows of ts are timesteps (same for the whole batch)
             ts, weights = torch.arange(T)[:, None].expand(T, b), torch.ones(T)
         else:  # t=0 exactly, then one t per stratum, drawn independently for each image
@@ -222,5 +219,4 @@ class DiffusionModule(RNGCheckpointMixin, L.LightningModule):
             x_t = process.q_sample(self.schedule, x, t, noise)
             x0_hat = denoise(x_t, t).clamp(-1, 1)
             total = total + w * process.vb_term(self.schedule, x, x_t, t, x0_hat, self.variance)
-        self.train(net_was_training)
-        return total / (math.prod(x.shape[1:]) * math.log(2.0))
+        return total

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genlab.families.common import RNGCheckpointMixin, check_finite, count_parameters
+from genlab.families.base import GenerativeModule
+from genlab.families.common import check_finite
 from genlab.nets.augment import diff_augment
 from genlab.nets.ema import EMA
 
@@ -52,7 +52,7 @@ def r1_penalty(discriminator: Callable, real: torch.Tensor, y=None) -> torch.Ten
     return grad.flatten(1).pow(2).sum(1).mean()
 
 
-class GANModule(RNGCheckpointMixin, L.LightningModule):
+class GANModule(GenerativeModule):
     """Args:
     generator: ``G(z, y) -> (B, C, H, W)`` in [-1, 1] with attribute ``z_dim``.
     discriminator: ``D(x, y) -> (B,)`` logits / critic values.
@@ -99,7 +99,7 @@ class GANModule(RNGCheckpointMixin, L.LightningModule):
         self.sample_batch_size = sample_batch_size
         self.z_dim = int(generator.z_dim)
         self.gradient_clip_val: float | None = None  # set by train() from trainer config
-        self.batches_per_step = self.n_critic  # data batches per global step (resume)
+        self.batches_per_step = self.n_critic  # data batches per global step
         # discriminator steps taken: decides when the generator steps; in the state dict so
         # a resumed run keeps the D/G rhythm
         self.register_buffer("d_steps", torch.zeros((), dtype=torch.long))
@@ -190,15 +190,17 @@ class GANModule(RNGCheckpointMixin, L.LightningModule):
             )
 
     # ------------------------------------------------------------------ the family contract
-    def sampling_net(self, use_ema: bool = True) -> nn.Module:
-        return self.ema.module if (use_ema and self.ema is not None) else self.generator
+    def ema_target(self) -> nn.Module:
+        return self.generator
+
+    def counted_module(self) -> nn.Module:
+        return self.generator
+
+    def nfe_module(self) -> nn.Module:
+        return self.generator
 
     def sampling_protocol(self) -> dict:
         return {"name": "generator", "truncation": self.truncation}
-
-    @property
-    def parameter_count(self) -> int:
-        return count_parameters(self.generator)
 
     def latents(
         self, n: int, generator: torch.Generator | None = None, truncation: float | None = None
@@ -214,45 +216,22 @@ class GANModule(RNGCheckpointMixin, L.LightningModule):
                 z[outside] = torch.randn(int(outside.sum()), generator=generator)
         return z
 
-    @torch.no_grad()
-    def sample(
-        self,
-        n: int,
-        y: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        *,
-        use_ema: bool = True,
-        truncation: float | None = None,
-        z: torch.Tensor | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        """n images (n, C, H, W) in [-1, 1]. ``y`` (n,) labels for a conditional model (None:
-        uniform random labels from ``generator``); ``z`` (n, z_dim) fixes the latents."""
-        net = self.sampling_net(use_ema)
-        was_training = net.training
-        net.eval()
-        if z is None:
-            z = self.latents(
-                n, generator, truncation if truncation is not None else self.truncation
-            )
-        if self.num_classes and y is None:
-            y = torch.randint(0, self.num_classes, (n,), generator=generator)
-        out = []
-        for start in range(0, n, self.sample_batch_size):
-            zb = z[start : start + self.sample_batch_size].to(self.device)
-            yb = None if not self.num_classes else y[start : start + len(zb)].to(self.device)
-            out.append(net(zb, yb))
-        net.train(was_training)
-        return torch.cat(out).clamp(-1, 1)
+    def prior_noise(self, n, generator, *, truncation=None, z=None, **_) -> torch.Tensor:
+        """The latents of the whole request: ``z`` (n, z_dim) if given, else a prior draw
+        (truncated at ``truncation``, default the model's)."""
+        if z is not None:
+            return z
+        return self.latents(n, generator, truncation if truncation is not None else self.truncation)
+
+    def draw(self, m, y, generator, *, noise, index, n, progress, truncation=None, z=None):
+        """G(z, y) for this chunk's latents (``sample(n, y, generator, truncation=, z=)``;
+        a conditional model given no labels gets uniform random ones)."""
+        return self.generator(noise.to(self.device), y if self.num_classes else None)
 
     def generate(
         self, z: torch.Tensor, y: torch.Tensor | None = None, use_ema: bool = True
     ) -> torch.Tensor:
         """G(z, y) for latents z (B, z_dim) in eval mode, differentiable with respect to z
         (latent optimisation); values as the generator gives them, not clamped."""
-        net = self.sampling_net(use_ema)
-        was_training = net.training
-        net.eval()
-        out = net(z.to(self.device), None if not self.num_classes else y)
-        net.train(was_training)
-        return out
+        with self.evaluating(), self.ema_weights(use_ema):
+            return self.generator(z.to(self.device), None if not self.num_classes else y)

@@ -23,16 +23,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-import lightning as L
 import torch
 from torch import nn
 
-from genlab.families.common import (
-    RNGCheckpointMixin,
-    check_finite,
-    count_parameters,
-    optimizers,
-)
+from genlab.families.base import GenerativeModule
+from genlab.families.common import check_finite
 from genlab.families.likelihoods import DecoderLikelihood
 from genlab.metrics.likelihood import importance_weighted_bound, nats_to_bits_per_dim
 
@@ -50,7 +45,7 @@ def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor)
     return -0.5 * (LOG_2PI + logvar + (z - mean).pow(2) * torch.exp(-logvar)).sum(-1)
 
 
-class VAEModule(RNGCheckpointMixin, L.LightningModule):
+class VAEModule(GenerativeModule):
     """Args:
     encoder: ``encoder(x, y) -> (mean, logvar)`` each (B, latent_dim), e.g. ``ConvEncoder``.
     decoder: ``decoder(z, y) -> (B, P*C, H, W)`` likelihood parameters, e.g. ``ConvDecoder``
@@ -82,7 +77,9 @@ class VAEModule(RNGCheckpointMixin, L.LightningModule):
         sample_batch_size: int = 256,
         sample_mean: bool = True,
     ):
-        super().__init__()
+        super().__init__(
+            optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3)), lr_scheduler
+        )
         self.encoder, self.decoder = encoder, decoder
         self.image_shape = tuple(int(s) for s in image_shape)
         self.likelihood = DecoderLikelihood(likelihood, self.image_shape[0])
@@ -91,8 +88,6 @@ class VAEModule(RNGCheckpointMixin, L.LightningModule):
         self.beta, self.kl_warmup_steps = float(beta), int(kl_warmup_steps)
         self.num_classes = int(num_classes)
         self.iw_samples, self.iw_batch = int(iw_samples), int(iw_batch)
-        self.optimizer_fn = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
-        self.lr_scheduler_fn = lr_scheduler
         self.sample_batch_size = sample_batch_size
         self.sample_mean = bool(sample_mean)
         self.latent_dim = int(encoder.latent_dim)
@@ -169,9 +164,6 @@ class VAEModule(RNGCheckpointMixin, L.LightningModule):
             self.log("val/active_units", float((means.var(0) > 0.01).sum()), sync_dist=True)
         self._val_means = []
 
-    def configure_optimizers(self):
-        return optimizers(self.optimizer_fn, self.lr_scheduler_fn, self.parameters())
-
     # ------------------------------------------------------------------ likelihood
     @torch.no_grad()
     def log_weights(
@@ -215,8 +207,14 @@ class VAEModule(RNGCheckpointMixin, L.LightningModule):
         given no labels bounds the marginal, log p(x) = log (1/C) sum_y p(x | y)."""
         k = int(k or self.iw_samples)
         self.likelihood.check(x)
-        was_training = self.training
-        self.eval()
+        with self.evaluating():
+            logw = self._log_weights_marginal(x, y, k, generator)
+        log_px = importance_weighted_bound(logw.double())
+        return nats_to_bits_per_dim(-log_px, x[0].numel()).float()
+
+    def _log_weights_marginal(self, x, y, k: int, generator) -> torch.Tensor:
+        """log weights (K', B): one IW estimate per class for a conditional model without
+        labels (averaged in p-space by the bound), else ``log_weights``."""
         if self.num_classes and y is None:  # one IW estimate per class, averaged in p-space
             logw = torch.cat(
                 [
@@ -226,16 +224,10 @@ class VAEModule(RNGCheckpointMixin, L.LightningModule):
             )
         else:
             logw = self.log_weights(x, y, k, generator)
-        self.train(was_training)
-        log_px = importance_weighted_bound(logw.double())
-        return nats_to_bits_per_dim(-log_px, x[0].numel()).float()
+        return logw
 
     # ------------------------------------------------------------------ the family contract
-    @property
-    def parameter_count(self) -> int:
-        return count_parameters(self)
-
-    def sampling_net(self, use_ema: bool = True) -> nn.Module:
+    def nfe_module(self) -> nn.Module:
         """The network one sample passes through (the decoder): one evaluation per image."""
         return self.decoder
 
@@ -265,11 +257,8 @@ class VAEModule(RNGCheckpointMixin, L.LightningModule):
         """The decoder's mean for latents z (B, latent_dim) in eval mode, differentiable with
         respect to z (latent optimisation). ``use_ema`` is accepted for the contract (a VAE
         keeps no EMA copy)."""
-        was_training = self.training
-        self.eval()
-        out = self.likelihood.mean(self.decode(z.to(self.device), y if self.num_classes else None))
-        self.train(was_training)
-        return out
+        with self.evaluating():
+            return self.likelihood.mean(self.decode(z.to(self.device), self._y(y)))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -277,34 +266,14 @@ class VAEModule(RNGCheckpointMixin, L.LightningModule):
         mean, _ = self.encode(x, y)
         return self.likelihood.mean(self.decode(mean, y))
 
-    @torch.no_grad()
-    def sample(
-        self,
-        n: int,
-        y: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        *,
-        z: torch.Tensor | None = None,
-        mean: bool | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        """n images (n, C, H, W) in [-1, 1]: the decoder's mean for z ~ N(0, I) (or the given
-        ``z`` (n, latent_dim)); ``mean=False`` draws pixels from p(x | z) too (default:
-        ``sample_mean``). A conditional
-        model takes labels ``y`` (n,) (None: uniform random labels from ``generator``)."""
+    def prior_noise(self, n, generator, *, z=None, mean=None) -> torch.Tensor:
+        """The latents of the whole request: ``z`` (n, latent_dim) if given, else z ~ N(0, I)."""
+        return self.latents(n, generator) if z is None else z
+
+    def draw(self, m, y, generator, *, noise, index, n, progress, z=None, mean=None):
+        """The decoder's mean for this chunk's latents (``sample(..., mean=False)`` draws the
+        pixels from p(x | z) too; default ``sample_mean``); a conditional model given no
+        labels gets uniform random ones."""
+        params = self.decode(noise.to(self.device), y if self.num_classes else None)
         mean = self.sample_mean if mean is None else mean
-        was_training = self.training
-        self.eval()
-        z = self.latents(n, generator) if z is None else z
-        if self.num_classes and y is None:
-            y = torch.randint(0, self.num_classes, (n,), generator=generator)
-        out = []
-        for start in range(0, n, self.sample_batch_size):
-            zb = z[start : start + self.sample_batch_size].to(self.device)
-            yb = None if not self.num_classes else y[start : start + len(zb)].to(self.device)
-            params = self.decode(zb, yb)
-            out.append(
-                self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)
-            )
-        self.train(was_training)
-        return torch.cat(out).clamp(-1, 1)
+        return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)

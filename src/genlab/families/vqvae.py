@@ -12,8 +12,8 @@ and the codebook term replaced by EMA updates when the quantiser's ``decay`` > 0
 
 Sampling needs a prior over the codes: ``VQPriorModule`` (below; ``model=vqvae_prior``) trains
 an autoregressive network on the codes of a finished VQ-VAE run and samples through it. A
-VQ-VAE alone has ``can_sample`` False and ``sample()`` raises ``SamplingUnavailableError``,
-while reconstructions and ``bits_per_dim`` work. The bound uses a uniform prior over codes: with a
+VQ-VAE alone is not ``Generative`` (it has no ``sample``), while reconstructions and
+``bits_per_dim`` work. The bound uses a uniform prior over codes: with a
 deterministic one-hot posterior, KL(q || p) = (code positions) * log K (Sec. 3.1), so
 -log P(x) <= -log p(x | z_q(x)) + n log K.
 """
@@ -23,27 +23,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from genlab.families.autoregressive import sample_categorical
-from genlab.families.common import (
-    RNGCheckpointMixin,
-    SamplingUnavailableError,
-    check_finite,
-    class_marginal_nll,
-    count_parameters,
-    optimizers,
-)
+from genlab.families.base import FamilyModule, GenerativeModule, count_parameters
+from genlab.families.common import check_finite, class_marginal_nll
 from genlab.families.likelihoods import DecoderLikelihood
 from genlab.metrics.likelihood import nats_to_bits_per_dim
 from genlab.nets.cached import cached_sampler, has_cached_sampler
 from genlab.nets.vq import VectorQuantizer
 
 
-class VQVAEModule(RNGCheckpointMixin, L.LightningModule):
+class VQVAEModule(FamilyModule):
     """Args:
     encoder: ``encoder(x) -> z_e`` (B, D, h, w), e.g. ``VQEncoder``.
     decoder: ``decoder(z_q) -> (B, P*C, H, W)`` likelihood parameters, e.g. ``VQDecoder``; or a
@@ -53,9 +46,6 @@ class VQVAEModule(RNGCheckpointMixin, L.LightningModule):
     commitment: weight of the commitment loss (beta in the paper).
     optimizer / lr_scheduler: partials; the scheduler is stepped every step.
     """
-
-    can_sample = False
-    num_classes = 0
 
     def __init__(
         self,
@@ -69,15 +59,15 @@ class VQVAEModule(RNGCheckpointMixin, L.LightningModule):
         lr_scheduler: Callable | None = None,
         sample_batch_size: int = 256,
     ):
-        super().__init__()
+        super().__init__(
+            optimizer or (lambda params: torch.optim.Adam(params, lr=2e-4)), lr_scheduler
+        )
         self.encoder, self.decoder, self.quantizer = encoder, decoder, quantizer
         self.image_shape = tuple(int(s) for s in image_shape)
         self.likelihood = DecoderLikelihood(likelihood, self.image_shape[0])
         if not isinstance(decoder, nn.Module):  # a partial: it learns its output width here
             self.decoder = decoder(out_channels=self.likelihood.out_channels)
         self.commitment = float(commitment)
-        self.optimizer_fn = optimizer or (lambda params: torch.optim.Adam(params, lr=2e-4))
-        self.lr_scheduler_fn = lr_scheduler
         self.sample_batch_size = sample_batch_size
         self._checked = False
 
@@ -136,9 +126,6 @@ class VQVAEModule(RNGCheckpointMixin, L.LightningModule):
             sync_dist=True,
         )
 
-    def configure_optimizers(self):
-        return optimizers(self.optimizer_fn, self.lr_scheduler_fn, self.parameters())
-
     # ------------------------------------------------------------------ likelihood
     def bpd_protocol(self) -> dict:
         h, w = self.latent_shape()
@@ -150,41 +137,25 @@ class VQVAEModule(RNGCheckpointMixin, L.LightningModule):
         }
 
     @torch.no_grad()
-    def bits_per_dim(self, x: torch.Tensor) -> torch.Tensor:
+    def bits_per_dim(self, x: torch.Tensor, y=None, generator=None) -> torch.Tensor:
         """Upper bound on -log2 P(x) / D for 8-bit images x (B, C, H, W) in [-1, 1] (module
-        docstring); (B,)."""
+        docstring); (B,). Unconditional and deterministic: ``y`` and ``generator`` unused."""
         self.likelihood.check(x)
-        was_training = self.training
-        self.eval()
-        recon, q = self.terms(x)
-        self.train(was_training)
+        with self.evaluating():
+            recon, q = self.terms(x)
         n_codes = q.codes[0].numel()
         nll = recon + n_codes * math.log(self.quantizer.num_codes)
         return nats_to_bits_per_dim(nll, x[0].numel())
 
     # ------------------------------------------------------------------ the family contract
-    @property
-    def parameter_count(self) -> int:
-        return count_parameters(self)
-
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder mean from the quantised codes of x, (B, C, H, W) in [-1, 1]."""
-        was_training = self.training
-        self.eval()
-        out = self.likelihood.mean(self.decoder(self.quantizer(self.encoder(x)).z_q))
-        self.train(was_training)
-        return out
-
-    def sample(self, n: int, y=None, generator=None, **kwargs) -> torch.Tensor:
-        raise SamplingUnavailableError(
-            "a VQ-VAE samples through a prior over its codes, and this one has none: train one "
-            "with `python -m genlab model=vqvae_prior model.vqvae_run=<this run>` and sample "
-            "that run (reconstructions: samples/recon_*.png)"
-        )
+        with self.evaluating():
+            return self.likelihood.mean(self.decoder(self.quantizer(self.encoder(x)).z_q))
 
 
-class VQPriorModule(RNGCheckpointMixin, L.LightningModule):
+class VQPriorModule(GenerativeModule):
     """A VQ-VAE with a learned prior over its codes: the second stage of van den Oord et al.
     2017 (Sec. 3.1 and 4.2). The VQ-VAE of a finished run (``vqvae_run``) is loaded and frozen;
     each training batch is encoded to its code grid (B, h, w) and an autoregressive network
@@ -219,10 +190,12 @@ class VQPriorModule(RNGCheckpointMixin, L.LightningModule):
         fast_sampling: bool = True,
         sample_batch_size: int = 64,
     ):
-        super().__init__()
-        from genlab.sample import load_model  # a run directory, as the sample command reads it
+        super().__init__(
+            optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3)), lr_scheduler
+        )
+        from genlab.runs import load_model  # the first stage's run directory
 
-        vqvae = load_model(vqvae_run, ckpt, "cpu")[0]
+        vqvae = load_model(vqvae_run, ckpt, "cpu").model
         if not isinstance(vqvae, VQVAEModule):
             raise ValueError(f"{vqvae_run} is a {type(vqvae).__name__} run, not model=vqvae")
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -236,8 +209,6 @@ class VQPriorModule(RNGCheckpointMixin, L.LightningModule):
         self.num_classes = int(num_classes)
         self.embedding = nn.Embedding(self.num_codes, embed_dim)
         self.net = prior(channels=1, in_channels=embed_dim, num_values=self.num_codes)
-        self.optimizer_fn = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
-        self.lr_scheduler_fn = lr_scheduler
         self.fast_sampling = fast_sampling
         self.sample_batch_size = int(sample_batch_size)
 
@@ -271,9 +242,8 @@ class VQPriorModule(RNGCheckpointMixin, L.LightningModule):
     def validation_step(self, batch, batch_idx):
         self.log("val/loss", self._step_loss(batch), prog_bar=True, sync_dist=True)
 
-    def configure_optimizers(self):
-        params = [*self.net.parameters(), *self.embedding.parameters()]
-        return optimizers(self.optimizer_fn, self.lr_scheduler_fn, params)
+    def trainable_parameters(self):
+        return [*self.net.parameters(), *self.embedding.parameters()]
 
     # ------------------------------------------------------------------ likelihood
     def bpd_protocol(self) -> dict:
@@ -284,11 +254,14 @@ class VQPriorModule(RNGCheckpointMixin, L.LightningModule):
         }
 
     @torch.no_grad()
-    def bits_per_dim(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def bits_per_dim(self, x: torch.Tensor, y: torch.Tensor | None = None, generator=None):
         """Upper bound on -log2 P(x) / D (B,) for 8-bit images x in [-1, 1]; a conditional
-        prior without labels uses the class-marginal prior mean_y p(z | y)."""
-        was_training = self.training
-        self.eval()
+        prior without labels uses the class-marginal prior mean_y p(z | y). (Deterministic:
+        ``generator`` is unused.)"""
+        with self.evaluating():
+            return self._bits_per_dim(x, y)
+
+    def _bits_per_dim(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         recon, q = self.vqvae.terms(x)
         if self.num_classes and y is None:
             prior = class_marginal_nll(
@@ -296,7 +269,6 @@ class VQPriorModule(RNGCheckpointMixin, L.LightningModule):
             )
         else:
             prior = self.prior_nll(q.codes, y).double()
-        self.train(was_training)
         return nats_to_bits_per_dim(recon.double() + prior, x[0].numel()).float()
 
     # ------------------------------------------------------------------ sampling
@@ -304,7 +276,7 @@ class VQPriorModule(RNGCheckpointMixin, L.LightningModule):
     def parameter_count(self) -> int:
         return count_parameters(self.net) + count_parameters(self.embedding)
 
-    def sampling_net(self, use_ema: bool = True) -> nn.Module:
+    def nfe_module(self) -> nn.Module:
         return self.net
 
     def sampling_protocol(self) -> dict:
@@ -336,31 +308,13 @@ class VQPriorModule(RNGCheckpointMixin, L.LightningModule):
                 cache.end_row(x, i)
         return codes
 
-    @torch.no_grad()
-    def sample(
-        self,
-        n: int,
-        y: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        *,
-        fast: bool | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        """n images (n, C, H, W) in [-1, 1]: codes from the prior (labels ``y`` for a
-        conditional prior; None: uniform random labels), decoded to the decoder's mean."""
+    def draw(self, m, y, generator, *, noise, index, n, progress, fast=None):
+        """One chunk: codes from the prior (``fast``: the cached sampler, default
+        ``fast_sampling``), decoded to the VQ-VAE decoder's mean. A conditional prior given
+        no labels gets uniform random ones."""
         fast = self.fast_sampling if fast is None else fast
-        was_training = self.training
-        self.eval()
-        if self.num_classes and y is None:
-            y = torch.randint(0, self.num_classes, (n,), generator=generator)
-        out = []
-        for start in range(0, n, self.sample_batch_size):
-            m = min(self.sample_batch_size, n - start)
-            yb = None if not self.num_classes else y[start : start + m].to(self.device)
-            codes = self.sample_codes(m, yb, generator, fast)
-            out.append(self.vqvae.likelihood.mean(self.vqvae.decode_codes(codes)))
-        self.train(was_training)
-        return torch.cat(out)
+        codes = self.sample_codes(m, y, generator, fast)
+        return self.vqvae.likelihood.mean(self.vqvae.decode_codes(codes))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genlab.guidance import GradientGuidance, GuidanceError, cycle
+from genlab.guidance.base import GuidanceError, cycle
+from genlab.guidance.gradient import GradientGuidance
 from genlab.metrics.common import WeightsNotFoundError, sha256_file
 from genlab.metrics.digits import WeightsFileError, load_state, load_weights_file
 
@@ -147,6 +148,9 @@ class ClassifierGuidance(GradientGuidance):
                 f"guidance=classifier: the classifier reads {self.net.config['channels']}-channel "
                 f"images but the model draws {channels}-channel ones (guidance.classifier=<file>)"
             )
+
+    def targets(self) -> list[int]:
+        return self.classes
 
     def targets_for(self, n: int) -> list[int]:
         return cycle(self.classes, self.weights, n, what="class")

@@ -1,20 +1,21 @@
 """CLIP guidance: steer samples toward text prompts, scored by an open_clip model (the bundled
 domain CLIP ``genlab-digits`` works offline; real open_clip weights through the same path).
 
-Three methods, chosen by ``method=auto`` from what the model offers:
+Three methods, one class each, chosen by ``ClipGuidance(method=auto)`` for each model it is
+bound to (``bind``), from the capabilities the model has:
 
-- ``gradient`` (diffusion): at every sampler step, the gradient with respect to the noisy
-  image x_t of the CLIP cosine between the prompt and the predicted clean image x0(x_t),
-  averaged over random cutouts (crops resized back, so CLIP sees the digit at several scales
-  and positions and the gradient does not chase one view), minus optional total-variation and
-  range penalties. It enters the denoiser as gradient guidance does
+- ``ClipGradient`` (``Denoising`` models): at every sampler step, the gradient with respect
+  to the noisy image x_t of the CLIP cosine between the prompt and the predicted clean image
+  x0(x_t), averaged over random cutouts (crops resized back, so CLIP sees the digit at
+  several scales and positions and the gradient does not chase one view), minus optional
+  total-variation and range penalties. It enters the denoiser as gradient guidance does
   (``genlab.guidance.GradientGuidance``): x0' = x0 + scale (1 - a_t)/sqrt(a_t) grad.
-- ``latent`` (GAN and VAE decoders, anything with ``generate(z, y)`` and ``latents``): Adam on
-  the latent z of every image to raise the same CLIP objective of ``generate(z)``, with a prior
-  penalty (|z| - sqrt(d))^2 that keeps z near the shell where N(0, I) puts its mass (the
-  typical set), as VQGAN-CLIP does for its codes.
-- ``rerank`` (any family, autoregressive ones included): draw ``k`` candidates for every image
-  and keep the one whose CLIP embedding is closest to its prompt.
+- ``ClipLatent`` (``Latent`` models: GAN and VAE decoders): Adam on the latent z of every
+  image to raise the same CLIP objective of ``generate(z)``, with a prior penalty
+  (|z| - sqrt(d))^2 that keeps z near the shell where N(0, I) puts its mass (the typical
+  set), as VQGAN-CLIP does for its codes.
+- ``ClipRerank`` (any ``Generative`` family, autoregressive ones included): draw ``k``
+  candidates for every image and keep the one whose CLIP embedding is closest to its prompt.
 
 The prompts are cycled over the images of every ``sample`` call (with weights, a prompt of
 weight 2 gets twice the images, in consecutive blocks); ``prompts_for(n)`` says which, so the
@@ -30,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from genlab.guidance import GradientGuidance, GuidanceError, cycle
+from genlab.families.contract import Denoising, Generative, Latent
+from genlab.guidance.base import Guidance, GuidanceError, cycle
+from genlab.guidance.gradient import GradientGuidance
 
 METHODS = ("auto", "gradient", "latent", "rerank")
 
@@ -75,12 +78,276 @@ def range_excess(images: torch.Tensor) -> torch.Tensor:
     return (images - images.clamp(-1, 1)).pow(2).flatten(1).mean(1)
 
 
-class ClipGuidance(GradientGuidance):
-    """Args:
+class ClipObjective:
+    """What every CLIP method shares: the prompts and their schedule, the CLIP scorer (loaded
+    on first use; a missing-weights error names the file), the text embeddings (each prompt
+    encoded once), and the objective: the CLIP cosine to the prompt averaged over ``cutouts``
+    random crops, minus the total-variation and range penalties."""
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        weights: Sequence[float] | None,
+        model: str,
+        pretrained: str | None,
+        cutouts: int,
+        cut_min: float,
+        tv_weight: float,
+        range_weight: float,
+        seed: int,
+        device: str,
+    ):
+        self.prompts = [str(p) for p in prompts]
+        self.weights = None if weights is None else [float(w) for w in weights]
+        prompt_schedule(self.prompts, self.weights, len(self.prompts))  # checks the weights
+        self.clip_model, self.pretrained, self.device = model, pretrained, device
+        self.cutouts, self.cut_min = int(cutouts), float(cut_min)
+        self.tv_weight, self.range_weight = float(tv_weight), float(range_weight)
+        self.seed = int(seed)
+        self._clip = None
+        self._text: dict[str, torch.Tensor] = {}
+
+    @property
+    def clip(self):
+        if self._clip is None:
+            from genlab.metrics.clip import CLIPScore
+
+            self._clip = CLIPScore(self.clip_model, self.pretrained, self.device)
+        return self._clip
+
+    def prompts_for(self, n: int) -> list[str]:
+        """The prompt each of the n images of one ``sample`` call is steered toward."""
+        return prompt_schedule(self.prompts, self.weights, n)
+
+    def text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(len(prompts), D) text embeddings, each prompt encoded once."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text]
+        if missing:
+            with torch.no_grad():
+                self._text.update(zip(missing, self.clip.encode_text(missing)))
+        return torch.stack([self._text[p] for p in prompts])
+
+    def similarity(
+        self, images: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(B,) CLIP cosine of every image to its text embedding, averaged over the cutouts.
+        CLIP sees the images clamped to [-1, 1], but the gradient passes the clamp (straight
+        through): a background pixel predicted below -1 can still be drawn on."""
+        images = images + (images.clamp(-1, 1) - images).detach()
+        views = cutouts(images, self.cutouts, self.cut_min, generator)
+        emb = self.clip.encode_images(views).view(-1, *text.shape)
+        return (emb * text.to(emb.device)).sum(-1).mean(0).to(images.device)
+
+    def value(self, images, text, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """((B,) objective, (B,) similarity): similarity minus the TV and range penalties."""
+        sim = self.similarity(images, text, generator)
+        value = sim
+        if self.tv_weight:
+            value = value - self.tv_weight * total_variation(images)
+        if self.range_weight:
+            value = value - self.range_weight * range_excess(images)
+        return value, sim
+
+    @torch.no_grad()
+    def scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """(N,) CLIP cosine of each image to its prompt, in chunks of 256."""
+        out = []
+        for i in range(0, len(images), 256):
+            chunk = images[i : i + 256].to(self.clip.device).float()
+            out.append(self.clip.cosine(chunk, prompts[i : i + 256]).cpu())
+        return torch.cat(out)
+
+    def penalties(self) -> dict:
+        return {"cutouts": self.cutouts, "cut_min": self.cut_min,
+                "tv_weight": self.tv_weight, "range_weight": self.range_weight}  # fmt: skip
+
+    def protocol(self) -> dict:
+        return {
+            "prompts": self.prompts,
+            "weights": self.weights,
+            "clip": {key: self.clip.info.get(key) for key in ("model", "weights_sha256")},
+        }
+
+
+class _ClipMethod(Guidance):
+    """The parts of a CLIP method that only read its ``ClipObjective``."""
+
+    name = "clip"
+    method = ""
+
+    def __init__(self, objective: ClipObjective):
+        self.clip_objective = objective
+        self.prompts, self.weights = objective.prompts, objective.weights
+
+    @property
+    def clip(self):
+        """The CLIP scorer (``genlab.metrics.clip.CLIPScore``)."""
+        return self.clip_objective.clip
+
+    def prompts_for(self, n: int) -> list[str]:
+        return self.clip_objective.prompts_for(n)
+
+    def targets(self) -> list[str]:
+        return self.prompts
+
+    def clip_targets(self, n: int):
+        return self.clip_objective.clip, self.prompts_for(n)
+
+    def bind(self, model) -> Guidance:
+        self.check(model)
+        self.clip_objective.clip.check_prompts(self.prompts)
+        return self
+
+    def settings(self) -> dict:
+        return {}
+
+    def protocol(self) -> dict:
+        return {"name": self.name, "method": self.method, **self.settings(),
+                **self.clip_objective.protocol()}  # fmt: skip
+
+
+class ClipGradient(GradientGuidance, _ClipMethod):
+    """Every sampler step follows the gradient of the CLIP objective of the predicted clean
+    image x0(x_t) with respect to x_t (``GradientGuidance``); for ``Denoising`` models."""
+
+    name, method = "clip", "gradient"
+
+    def __init__(self, objective: ClipObjective, scale: float = 80.0):
+        _ClipMethod.__init__(self, objective)
+        GradientGuidance.__init__(self, scale)
+
+    def check(self, model) -> None:
+        if not isinstance(model, Denoising):
+            raise GuidanceError(
+                f"guidance.method=gradient needs a diffusion model; {type(model).__name__} is "
+                "not one (use guidance.method=auto)"
+            )
+
+    def targets_for(self, n: int) -> list[str]:
+        return self.prompts_for(n)
+
+    def objective(self, x_t, t, x0, targets, schedule) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.clip_objective.seed + int(t.flatten()[0]))
+        return self.clip_objective.value(x0, self.clip_objective.text(targets), generator)[0]
+
+    def settings(self) -> dict:
+        return {"scale": self.scale, **self.clip_objective.penalties()}
+
+
+class ClipLatent(_ClipMethod):
+    """Adam on the latent z of every image to raise the CLIP objective of
+    ``model.generate(z)``, minus ``prior_weight`` (|z| - sqrt(d))^2 (the typical-set penalty);
+    for ``Latent`` models. ``history``: per batch, the mean cosine after each step."""
+
+    method = "latent"
+
+    def __init__(self, objective: ClipObjective, steps=30, lr=0.05, prior_weight=0.01):
+        super().__init__(objective)
+        self.steps, self.lr, self.prior_weight = int(steps), float(lr), float(prior_weight)
+        self.history: list[list[float]] = []
+
+    def check(self, model) -> None:
+        if not isinstance(model, Latent):
+            raise GuidanceError(
+                f"guidance.method=latent needs a GAN or VAE decoder; {type(model).__name__} is "
+                "not one (use guidance.method=auto)"
+            )
+
+    @staticmethod
+    def prior_penalty(z: torch.Tensor) -> torch.Tensor:
+        """(B,) (|z| - sqrt(d))^2: zero on the shell where a standard normal's mass lies."""
+        flat = z.flatten(1)
+        return (flat.norm(dim=1) - math.sqrt(flat.shape[1])).pow(2)
+
+    def sample(self, model, draw: Callable, n: int, y=None, generator=None, **opts):
+        """n images of ``model.generate(z, y)`` with z optimised from a prior draw; given
+        latents (``z=``, interpolation grids) pass through unguided."""
+        if opts.get("z") is not None:
+            return draw(n, y=y, generator=generator, **opts)
+        truncation = opts.get("truncation", getattr(model, "truncation", None))
+        if truncation:  # a GAN's truncation trick, as its own sample applies it
+            z0 = model.latents(n, generator, truncation)
+        else:
+            z0 = model.latents(n, generator)
+        if model.num_classes and y is None:
+            y = torch.randint(0, model.num_classes, (n,), generator=generator)
+        text = self.clip_objective.text(self.prompts_for(n))
+        gen = torch.Generator().manual_seed(self.clip_objective.seed)
+        use_ema = bool(opts.get("use_ema", True))
+        self.history = []
+        out = []
+        for start in range(0, n, model.sample_batch_size):
+            part = slice(start, start + model.sample_batch_size)
+            yb = None if y is None else y[part].to(model.device)
+            z = self._optimise(model, z0[part], yb, text[part], gen, use_ema, opts)
+            with torch.no_grad():
+                out.append(model.generate(z, yb, use_ema).clamp(-1, 1))
+        return torch.cat(out)
+
+    def _optimise(self, model, z0, y, text, gen, use_ema: bool, opts) -> torch.Tensor:
+        z = z0.clone().to(model.device).requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=self.lr)
+        trace = []
+        bar = not opts.get("progress")
+        for _ in tqdm(range(self.steps), desc="clip: latent", leave=False, disable=bar):
+            with torch.enable_grad():
+                images = model.generate(z, y, use_ema)
+                value, sim = self.clip_objective.value(images, text, gen)
+                loss = -value.sum() + self.prior_weight * self.prior_penalty(z).sum()
+                (z.grad,) = torch.autograd.grad(loss, z)  # the model's own grads untouched
+            trace.append(float(sim.detach().mean()))
+            opt.step()
+        self.history.append(trace)
+        return z.detach()
+
+    def settings(self) -> dict:
+        return {"steps": self.steps, "lr": self.lr, "prior_weight": self.prior_weight,
+                **self.clip_objective.penalties()}  # fmt: skip
+
+
+class ClipRerank(_ClipMethod):
+    """Draw ``k`` candidates for every image and keep the one closest to its prompt; for any
+    ``Generative`` model (a diffusion model's candidates are drawn unguided)."""
+
+    method = "rerank"
+
+    def __init__(self, objective: ClipObjective, k: int = 8):
+        super().__init__(objective)
+        self.k = int(k)
+
+    def check(self, model) -> None:
+        if not isinstance(model, Generative):
+            raise GuidanceError(
+                f"guidance=clip needs a model that samples; {type(model).__name__} cannot"
+            )
+
+    @torch.no_grad()
+    def sample(self, model, draw: Callable, n: int, y=None, generator=None, **opts):
+        """n images, each the best of ``k`` candidates for its prompt (given latents pass)."""
+        if opts.get("z") is not None:
+            return draw(n, y=y, generator=generator, **opts)
+        k = self.k
+        labels = None if y is None else torch.as_tensor(y).repeat_interleave(k)
+        candidates = draw(n * k, y=labels, generator=generator, **opts)
+        prompts = self.prompts_for(n)
+        scores = self.clip_objective.scores(candidates, [p for p in prompts for _ in range(k)])
+        best = scores.view(n, k).argmax(1)
+        return candidates.view(n, k, *candidates.shape[1:])[torch.arange(n), best]
+
+    def settings(self) -> dict:
+        return {"k": self.k}
+
+
+class ClipGuidance(Guidance):
+    """CLIP guidance as configured by ``guidance=clip``; ``bind(model)`` returns the method
+    object for that model (``method=auto``: gradient for ``Denoising`` models, latent for
+    ``Latent`` ones, rerank otherwise), so one ``ClipGuidance`` guides any number of models.
+    The methods share one CLIP scorer and text cache.
+
+    Args:
     prompts: the text prompts. weights: optional relative weights, one per prompt.
     model / pretrained: the CLIP (``metrics.clip``'s conventions; default ``genlab-digits``).
-    method: ``auto`` (gradient for diffusion, latent for GAN/VAE, rerank otherwise),
-        ``gradient``, ``latent`` or ``rerank``.
+    method: ``auto``, ``gradient``, ``latent`` or ``rerank``.
     scale: gradient guidance scale. cutouts / cut_min: random crops per image and the smallest
         crop side (a fraction of the image) the CLIP objective averages over (0: the image).
     tv_weight / range_weight: total-variation and range penalties in the objective.
@@ -110,7 +377,6 @@ class ClipGuidance(GradientGuidance):
         seed: int = 0,
         device: str = "cpu",
     ):
-        super().__init__(scale)
         if not prompts:
             raise GuidanceError(
                 "guidance=clip needs prompts: guidance.prompts=['a handwritten seven']"
@@ -121,186 +387,38 @@ class ClipGuidance(GradientGuidance):
             raise GuidanceError(f"guidance.k must be >= 1, got {k}")
         if not 0 < float(cut_min) <= 1:
             raise GuidanceError(f"guidance.cut_min must be in (0, 1], got {cut_min}")
-        self.prompts = [str(p) for p in prompts]
-        self.weights = None if weights is None else [float(w) for w in weights]
-        prompt_schedule(self.prompts, self.weights, len(self.prompts))  # checks the weights
-        self.clip_model, self.pretrained, self.device = model, pretrained, device
-        self.requested, self.method, self.k = method, method, int(k)  # method: once attached
-        self.cutouts, self.cut_min = int(cutouts), float(cut_min)
-        self.tv_weight, self.range_weight = float(tv_weight), float(range_weight)
-        self.steps, self.lr, self.prior_weight = int(steps), float(lr), float(prior_weight)
-        self.seed = int(seed)
-        self.history: list[list[float]] = []  # latent optimisation, per batch: mean cosine per step
-        self._clip = None
-        self._text: dict[str, torch.Tensor] = {}
+        self.objective = ClipObjective(
+            prompts, weights, model, pretrained, cutouts, cut_min, tv_weight, range_weight,
+            seed, device,
+        )  # fmt: skip
+        self.prompts, self.weights = self.objective.prompts, self.objective.weights
+        self.method = method
+        self.options = {
+            "gradient": {"scale": scale},
+            "latent": {"steps": steps, "lr": lr, "prior_weight": prior_weight},
+            "rerank": {"k": k},
+        }
+
+    def resolve(self, model) -> str:
+        """The method this guidance uses for ``model``."""
+        if self.method != "auto":
+            return self.method
+        if isinstance(model, Denoising):
+            return "gradient"
+        return "latent" if isinstance(model, Latent) else "rerank"
+
+    def bind(self, model) -> Guidance:
+        method = self.resolve(model)
+        cls = {"gradient": ClipGradient, "latent": ClipLatent, "rerank": ClipRerank}[method]
+        return cls(self.objective, **self.options[method]).bind(model)
 
     @property
     def clip(self):
-        if self._clip is None:  # loaded on first use (a missing-weights error names the file)
-            from genlab.metrics.clip import CLIPScore
+        """The CLIP scorer the methods share."""
+        return self.objective.clip
 
-            self._clip = CLIPScore(self.clip_model, self.pretrained, self.device)
-        return self._clip
-
-    # ------------------------------------------------------------------ attaching
-    def check(self, model) -> None:
-        if not callable(getattr(model, "sample", None)) or not getattr(model, "can_sample", True):
-            raise GuidanceError(
-                f"guidance=clip needs a model that samples; {type(model).__name__} cannot"
-            )
-        can = {
-            "gradient": hasattr(model, "denoiser") and hasattr(model, "schedule"),
-            "latent": callable(getattr(model, "generate", None)) and hasattr(model, "latents"),
-            "rerank": True,
-        }
-        if self.requested == "auto":  # resolved per model: the same object may guide another
-            self.method = next(m for m in ("gradient", "latent", "rerank") if can[m])
-        elif not can[self.requested]:
-            needs = {"gradient": "a diffusion model", "latent": "a GAN or VAE decoder"}
-            raise GuidanceError(
-                f"guidance.method={self.requested} needs {needs[self.requested]}; "
-                f"{type(model).__name__} is not one (use guidance.method=auto)"
-            )
-        self.clip.check_prompts(self.prompts)
-
-    def wrap_sample(self, sample: Callable, model) -> Callable:
-        """The model's ``sample`` with this guidance (gradient guidance acts inside the sampler
-        through ``wrap``, so ``sample`` comes back unchanged)."""
-        if self.method == "gradient":
-            return sample
-        guided = self.rerank if self.method == "rerank" else self.optimise_latents
-        target = sample if self.method == "rerank" else model
-
-        def guided_sample(n: int, y=None, generator=None, **kw) -> torch.Tensor:
-            if kw.get("z") is not None:  # given latents (interpolation grids): nothing to choose
-                return sample(n, y=y, generator=generator, **kw)
-            return guided(target, n, y, generator, **kw)
-
-        return guided_sample
-
-    def wrap(self, model, denoise, y, use_ema, **kw):
-        """Gradient guidance of the denoiser; the other methods leave it alone (a diffusion
-        model reranked by CLIP samples its candidates unguided)."""
-        if self.method != "gradient":
-            return denoise
-        return super().wrap(model, denoise, y, use_ema, **kw)
-
-    # ------------------------------------------------------------------ the objective
-    def prompts_for(self, n: int) -> list[str]:
-        """The prompt each of the n images of one ``sample`` call is steered toward."""
-        return prompt_schedule(self.prompts, self.weights, n)
-
-    targets_for = prompts_for
-
-    def text(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(len(prompts), D) text embeddings, each prompt encoded once."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text]
-        if missing:
-            with torch.no_grad():
-                self._text.update(zip(missing, self.clip.encode_text(missing)))
-        return torch.stack([self._text[p] for p in prompts])
-
-    def similarity(
-        self, images: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """(B,) CLIP cosine of every image to its text embedding, averaged over the cutouts.
-        CLIP sees the images clamped to [-1, 1], but the gradient passes the clamp (straight
-        through): a background pixel predicted below -1 can still be drawn on."""
-        images = images + (images.clamp(-1, 1) - images).detach()
-        views = cutouts(images, self.cutouts, self.cut_min, generator)
-        emb = self.clip.encode_images(views).view(-1, *text.shape)
-        return (emb * text.to(emb.device)).sum(-1).mean(0).to(images.device)
-
-    def clip_objective(self, images, text, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """((B,) objective, (B,) similarity): similarity minus the TV and range penalties."""
-        sim = self.similarity(images, text, generator)
-        value = sim
-        if self.tv_weight:
-            value = value - self.tv_weight * total_variation(images)
-        if self.range_weight:
-            value = value - self.range_weight * range_excess(images)
-        return value, sim
-
-    def objective(self, x_t, t, x0, targets, schedule) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed + int(t.flatten()[0]))
-        return self.clip_objective(x0, self.text(targets), generator)[0]
-
-    # ------------------------------------------------------------------ latent optimisation
-    def prior_penalty(self, z: torch.Tensor) -> torch.Tensor:
-        """(B,) (|z| - sqrt(d))^2: zero on the shell where a standard normal's mass lies."""
-        flat = z.flatten(1)
-        return (flat.norm(dim=1) - math.sqrt(flat.shape[1])).pow(2)
-
-    def optimise_latents(self, model, n: int, y=None, generator=None, **kw) -> torch.Tensor:
-        """n images of ``model.generate(z, y)`` with z optimised from a prior draw by Adam to
-        raise the CLIP objective minus ``prior_weight`` times the prior penalty."""
-        truncation = kw.get("truncation", getattr(model, "truncation", None))
-        if truncation:  # a GAN's truncation trick, as its own sample applies it
-            z0 = model.latents(n, generator, truncation)
-        else:
-            z0 = model.latents(n, generator)
-        if getattr(model, "num_classes", 0) and y is None:
-            y = torch.randint(0, model.num_classes, (n,), generator=generator)
-        text = self.text(self.prompts_for(n))
-        use_ema = {"use_ema": kw["use_ema"]} if "use_ema" in kw else {}
-        gen = torch.Generator().manual_seed(self.seed)
-        batch = int(getattr(model, "sample_batch_size", n) or n)
-        bar = bool(kw.get("progress"))
-        self.history = []
-        out = []
-        for start in range(0, n, batch):
-            part = slice(start, start + batch)
-            z = z0[part].clone().to(model.device).requires_grad_(True)
-            yb = None if y is None else y[part].to(model.device)
-            opt = torch.optim.Adam([z], lr=self.lr)
-            trace = []
-            for _ in tqdm(range(self.steps), desc="clip: latent", leave=False, disable=not bar):
-                with torch.enable_grad():
-                    images = model.generate(z, yb, **use_ema)
-                    value, sim = self.clip_objective(images, text[part], gen)
-                    loss = -value.sum() + self.prior_weight * self.prior_penalty(z).sum()
-                    (z.grad,) = torch.autograd.grad(loss, z)  # the model's own grads untouched
-                trace.append(float(sim.detach().mean()))
-                opt.step()
-            with torch.no_grad():
-                out.append(model.generate(z.detach(), yb, **use_ema).clamp(-1, 1))
-            self.history.append(trace)
-        return torch.cat(out)
-
-    # ------------------------------------------------------------------ reranking
-    @torch.no_grad()
-    def rerank(self, sample: Callable, n: int, y=None, generator=None, **kw) -> torch.Tensor:
-        """n images, each the best of ``k`` candidates for its prompt."""
-        k = self.k
-        labels = None if y is None else torch.as_tensor(y).repeat_interleave(k)
-        candidates = sample(n * k, y=labels, generator=generator, **kw)
-        prompts = self.prompts_for(n)
-        scores = self.scores(candidates, [p for p in prompts for _ in range(k)]).view(n, k)
-        best = scores.argmax(1)
-        return candidates.view(n, k, *candidates.shape[1:])[torch.arange(n), best]
-
-    @torch.no_grad()
-    def scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), 256):
-            chunk = images[i : i + 256].to(self.clip.device).float()
-            out.append(self.clip.cosine(chunk, prompts[i : i + 256]).cpu())
-        return torch.cat(out)
+    def targets(self) -> list[str]:
+        return self.prompts
 
     def protocol(self) -> dict:
-        settings = {
-            "gradient": {"scale": self.scale, "cutouts": self.cutouts, "cut_min": self.cut_min,
-                         "tv_weight": self.tv_weight, "range_weight": self.range_weight},
-            "latent": {"steps": self.steps, "lr": self.lr, "prior_weight": self.prior_weight,
-                       "cutouts": self.cutouts, "cut_min": self.cut_min,
-                       "tv_weight": self.tv_weight, "range_weight": self.range_weight},
-            "rerank": {"k": self.k},
-        }  # fmt: skip
-        return {
-            "name": self.name,
-            "method": self.method,
-            **settings.get(self.method, {}),
-            "prompts": self.prompts,
-            "weights": self.weights,
-            "clip": {key: self.clip.info.get(key) for key in ("model", "weights_sha256")},
-        }
+        return {"name": self.name, "method": self.method, **self.objective.protocol()}

@@ -25,6 +25,7 @@ from genlab.data import MNISTDataModule, to_model
 from genlab.diffusion.schedules import CosineSchedule, LinearSchedule
 from genlab.guidance.classifier import WEIGHTS, NoisyClassifier
 from genlab.metrics.train_digits import random_shift
+from genlab.runs import atomic_torch_save
 
 SCHEDULES = (CosineSchedule(1000), LinearSchedule(1000))
 REPORT_LOG_SNR = (-8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0)  # test accuracy at these noise levels
@@ -117,10 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         width=int(args.get("width", 16)),
     )
     out = Path(args.get("out") or WEIGHTS)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(out)
+    atomic_torch_save(blob, out)
     accs = ", ".join(f"{k}: {v:.3f}" for k, v in blob["test_accuracy_at_log_snr"].items())
     print(f"test accuracy by log-SNR {{{accs}}}; {blob['train_s']:.0f} s; wrote {out}")
     return blob

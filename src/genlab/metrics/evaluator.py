@@ -36,11 +36,13 @@ from torch_fidelity.metric_fid import fid_features_to_statistics
 from tqdm.auto import tqdm
 
 from genlab.data.convert import to_model, to_uint8
+from genlab.families.contract import Generative, Likelihood
 from genlab.metrics.common import WeightsNotFoundError
 from genlab.metrics.extractors import Extractor, build_extractor, to_rgb_uint8
 from genlab.metrics.fidelity import fidelity_metrics
 from genlab.metrics.likelihood import CONVENTION
-from genlab.metrics.protocol import accepts, count_rows, sampling_protocol
+from genlab.metrics.protocol import count_rows
+from genlab.runs import atomic_torch_save
 
 log = logging.getLogger("genlab")
 
@@ -223,10 +225,7 @@ class Evaluator:
             }
             self.counters["reference_computed"] += 1
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                torch.save(ref, tmp)
-                os.replace(tmp, path)
+                atomic_torch_save(ref, path)
         ref["cache_file"] = str(path) if path else None
         self._references[key] = ref
         return ref
@@ -254,10 +253,10 @@ class Evaluator:
     def _sample_chunks(self, model, n: int, stats: dict) -> Iterator[torch.Tensor]:
         """uint8 chunks of n samples (fixed seed, balanced labels); times sampling only."""
         generator = torch.Generator().manual_seed(self.seed)
-        k = int(getattr(model, "num_classes", 0) or 0)
+        k = model.num_classes
         labels = torch.arange(n) % k if k > 0 else None
-        opts = {"use_ema": self.use_ema} if accepts(model.sample, "use_ema") else {}
-        net = model.sampling_net(self.use_ema) if hasattr(model, "sampling_net") else None
+        opts = {"use_ema": self.use_ema}
+        net = model.nfe_module()
         bar = tqdm(total=n, desc="eval: sampling", leave=False, disable=not self.progress)
         with count_rows(net) as rows:
             for start in range(0, n, self.sample_batch_size):
@@ -315,7 +314,7 @@ class Evaluator:
         guidance says which prompt each of its images got); others against
         ``clip.prompts``, cycled over all the samples."""
         if guided is not None:
-            clip, pair = guided.clip, guided.prompts_for(len(images))
+            clip, pair = guided.clip_targets(len(images))
         else:
             clip, prompts = self._clip, list(self.clip_cfg["prompts"])
             pair = [prompts[(offset + i) % len(prompts)] for i in range(len(images))]
@@ -343,7 +342,7 @@ class Evaluator:
     def _annotate(self, protocol: dict, guided=None) -> None:
         if guided is not None:
             protocol["clip"] = {
-                **guided.clip.protocol(),
+                **guided.clip_targets(0)[0].protocol(),
                 "prompts": "each sample's own guidance prompt (sampler.guidance.prompts)",
                 "scorer": "the guiding CLIP: guided samples score high on it by construction",
             }
@@ -370,23 +369,22 @@ class Evaluator:
         device = model.device
         exts = self.setup(datamodule.name, device)
         self._setup_clip(device)
-        guidance = getattr(model, "guidance", None)  # guided toward prompts: scored against them
-        guided = guidance if callable(getattr(guidance, "prompts_for", None)) else None
+        guidance = model.guidance  # guided toward prompts: scored against them
+        guided = guidance if guidance is not None and guidance.clip_targets(0) else None
         if guided is not None:
             self.not_computed.pop("clip", None)
         metrics: dict[str, float] = {}
         protocol = self.base_protocol(datamodule, n)
+        described = model.describe(self.use_ema)
         protocol.update(
-            sampler=sampling_protocol(model),
-            weights="ema" if (self.use_ema and getattr(model, "ema", None) is not None) else "raw",
-            labels=f"balanced over {model.num_classes} classes"
-            if getattr(model, "num_classes", 0)
-            else None,
+            sampler=described["sampler"],
+            weights=described["weights"],
+            labels=f"balanced over {model.num_classes} classes" if model.num_classes else None,
         )
         wants_samples = (
             exts or self._clip is not None or guided is not None or "cost" in self.metrics
         )
-        if wants_samples and not getattr(model, "can_sample", True):  # e.g. VQ-VAE, no prior
+        if wants_samples and not isinstance(model, Generative):  # e.g. VQ-VAE, no prior
             self.not_computed["samples"] = (
                 f"{type(model).__name__} cannot sample on its own (no prior): "
                 "no sample-quality or sampling-cost metrics"
@@ -402,7 +400,7 @@ class Evaluator:
                 if stats["nfe"] is not None:
                     metrics["sample_nfe"] = stats["nfe"]
                 protocol["cost"] = {"device": str(device), "batch": self.sample_batch_size}
-        if "bpd" in self.metrics and hasattr(model, "bits_per_dim"):
+        if "bpd" in self.metrics and isinstance(model, Likelihood):
             metrics["bpd"], protocol["bpd"] = self.bits_per_dim(model, datamodule)
         self._annotate(protocol, guided)
         return {
@@ -437,15 +435,16 @@ class Evaluator:
         images = val.tensors[0][: self.bpd_images]
         x = to_model(images).to(model.device)
         generator = torch.Generator().manual_seed(self.seed)
-        kwargs = {"generator": generator} if accepts(model.bits_per_dim, "generator") else {}
         starts = range(0, len(x), self.bpd_batch_size)
         bar = tqdm(starts, desc="eval: bits/dim", leave=False, disable=not self.progress)
         bpd = torch.cat(
-            [model.bits_per_dim(x[i : i + self.bpd_batch_size], **kwargs).cpu() for i in bar]
+            [
+                model.bits_per_dim(x[i : i + self.bpd_batch_size], generator=generator).cpu()
+                for i in bar
+            ]
         )
         protocol = {"images": len(x), "split": "val", "convention": CONVENTION}
-        if hasattr(model, "bpd_protocol"):
-            protocol.update(model.bpd_protocol())
+        protocol.update(model.bpd_protocol())
         value = bpd.mean().item()
         if not math.isfinite(value):
             log.warning("bits/dim is not finite (%s)", value)

@@ -1,0 +1,255 @@
+"""The LightningModule every family derives from: what each of them would otherwise repeat.
+
+- RNG state in every checkpoint, restored when training resumes, so a resumed run draws the
+  noise an uninterrupted one would have;
+- optimizer and per-step scheduler setup from partials (``optimizer``, ``lr_scheduler``);
+- the EMA weight swap as a context manager (``ema_weights``) and eval mode (``evaluating``);
+- parameter counts and ``describe()``, the training/sampling protocol recorded with results;
+- guidance, handed in explicitly (``set_guidance``) and asked to wrap what it acts on;
+- for families that sample (``GenerativeModule``), the chunked, eval-mode ``sample()`` loop:
+  a family writes only its per-chunk ``draw``.
+
+The capabilities callers may rely on are the Protocols of ``genlab.families.contract``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+import lightning as L
+import torch
+from torch import nn
+
+
+def rng_state() -> dict:
+    """Global RNG states (CPU and, if in use, CUDA) as plain tensors (weights_only-safe)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def optimizers(optimizer_fn, lr_scheduler_fn, params):
+    """``configure_optimizers``'s return value: the optimizer, with the scheduler (if any)
+    stepped every optimizer step."""
+    opt = optimizer_fn(params)
+    if lr_scheduler_fn is None:
+        return opt
+    sched = lr_scheduler_fn(opt)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _swap(a: Iterable[torch.Tensor], b: Iterable[torch.Tensor]) -> None:
+    for x, y in zip(a, b, strict=True):
+        x.data, y.data = y.data, x.data
+
+
+class FamilyModule(L.LightningModule):
+    """Base of every family. Subclasses call ``super().__init__()`` first, then set
+    ``image_shape``, ``num_classes`` and, where they keep one, ``ema`` (a ``nets.EMA`` of the
+    network ``ema_target()`` returns)."""
+
+    #: data batches one global step consumes (a GAN's n_critic discriminator batches)
+    batches_per_step: int = 1
+
+    def __init__(self, optimizer: Callable | None = None, lr_scheduler: Callable | None = None):
+        super().__init__()
+        self.optimizer_fn = optimizer
+        self.lr_scheduler_fn = lr_scheduler
+        self.num_classes = 0
+        self.ema = None
+        self.guidance = None
+        self._pending_rng: dict | None = None
+        self._ema_in = False  # the EMA weights are swapped in (ema_weights is re-entrant)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_state"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pending_rng = checkpoint.get("rng_state")
+
+    def on_train_start(self) -> None:
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+
+    # ------------------------------------------------------------------ optimisation
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        """What the optimizer updates (default: every parameter)."""
+        return self.parameters()
+
+    def configure_optimizers(self):
+        return optimizers(self.optimizer_fn, self.lr_scheduler_fn, self.trainable_parameters())
+
+    # ------------------------------------------------------------------ weights
+    def ema_target(self) -> nn.Module | None:
+        """The network whose weights ``ema`` averages (None: no EMA)."""
+        return None
+
+    @contextmanager
+    def ema_weights(self, use_ema: bool = True) -> Iterator[None]:
+        """Inside the block the EMA-tracked network holds the EMA weights (parameters and
+        buffers swapped in place, no copy) when ``use_ema`` and the family keeps an EMA;
+        the trained weights are back when the block ends, whatever happens in it. Nested
+        blocks inside a swapped one change nothing."""
+        target = self.ema_target()
+        if not use_ema or self.ema is None or target is None or self._ema_in:
+            yield  # nothing to swap, or already swapped in by an enclosing block
+            return
+        ema = self.ema.module
+        _swap(target.parameters(), ema.parameters())
+        _swap(target.buffers(), ema.buffers())
+        self._ema_in = True
+        try:
+            yield
+        finally:
+            _swap(target.parameters(), ema.parameters())
+            _swap(target.buffers(), ema.buffers())
+            self._ema_in = False
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Eval mode for the block; the previous mode is restored after it."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------ description
+    def counted_module(self) -> nn.Module:
+        """The network whose parameters ``parameter_count`` reports (default: all)."""
+        return self
+
+    @property
+    def parameter_count(self) -> int:
+        return count_parameters(self.counted_module())
+
+    @property
+    def family(self) -> str:
+        """The family as a short name: GANModule -> gan, VQPriorModule -> vqprior."""
+        return type(self).__name__.removesuffix("Module").lower()
+
+    def sampling_protocol(self) -> dict | None:
+        """How the family samples (its sampler and settings); None if it cannot."""
+        return None
+
+    def describe(self, use_ema: bool = True) -> dict:
+        """The training/sampling protocol: family, parameters, weights, sampler, guidance."""
+        sampler = self.sampling_protocol()
+        if sampler is not None and self.guidance is not None:
+            sampler = {**sampler, "guidance": self.guidance.protocol()}
+        return {
+            "family": self.family,
+            "image_shape": list(self.image_shape),
+            "num_classes": self.num_classes,
+            "parameters": self.parameter_count,
+            "weights": "ema" if (use_ema and self.ema is not None) else "raw",
+            "sampler": sampler,
+        }
+
+    # ------------------------------------------------------------------ guidance
+    def set_guidance(self, guidance) -> None:
+        """Guide this model's samples with ``guidance`` (built from the ``guidance`` config
+        group; None removes it). The guidance checks the model and binds to it: the same
+        guidance object may guide several models, each in its own way."""
+        self.guidance = None if guidance is None else guidance.bind(self)
+
+
+class GenerativeModule(FamilyModule):
+    """A family that samples. ``sample`` runs the chunked loop in eval mode with the EMA
+    weights swapped in; the family writes
+
+    - ``draw(m, y, generator, *, noise, index, n, progress, **opts)`` -> (m, C, H, W): one chunk
+      of at most ``sample_batch_size`` images (``noise``: this chunk of ``prior_noise``;
+      ``index``: the chunk's slice of the n requested images, for guidance);
+    - optionally ``prior_noise(n, generator, **opts)``: latents for all n images, drawn before
+      the labels (GANs and VAEs draw z for the whole request first);
+    - ``random_labels``: a conditional model given no labels samples uniform random ones
+      (False: it samples unconditionally, e.g. diffusion with its "no class" token).
+
+    Guidance that acts on whole samples (reranking a candidate set, optimising latents)
+    wraps the unguided loop, ``draw_unguided``; guidance inside a sampler wraps a denoiser.
+    """
+
+    random_labels: bool = True
+    sample_batch_size: int = 256
+
+    def prior_noise(self, n: int, generator: torch.Generator | None, **opts):
+        return None
+
+    def nfe_module(self) -> nn.Module | None:
+        """The network whose forward passes count as function evaluations (the sampling cost
+        ``val/sample_nfe`` reports); None when there is none to count."""
+        return None
+
+    def draw(self, m: int, y, generator, *, noise, index: slice, n: int, progress, **opts):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        y: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        use_ema: bool = True,
+        progress: bool = False,
+        **opts,
+    ) -> torch.Tensor:
+        """n images (n, C, H, W) in [-1, 1] (``genlab.families.contract.Generative``), guided
+        by the attached guidance if any."""
+        if self.guidance is not None:
+            return self.guidance.sample(
+                self, self.draw_unguided, n, y=y, generator=generator, use_ema=use_ema,
+                progress=progress, **opts,
+            )  # fmt: skip
+        return self.draw_unguided(
+            n, y=y, generator=generator, use_ema=use_ema, progress=progress, **opts
+        )
+
+    @torch.no_grad()
+    def draw_unguided(
+        self,
+        n: int,
+        y: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        use_ema: bool = True,
+        progress: bool = False,
+        **opts,
+    ) -> torch.Tensor:
+        """The chunked loop, without whole-sample guidance (a denoiser's guidance still acts
+        inside ``draw``)."""
+        noise = self.prior_noise(n, generator, **opts)
+        if self.num_classes and y is None and self.random_labels:
+            y = torch.randint(0, self.num_classes, (n,), generator=generator)
+        out = []
+        with self.evaluating(), self.ema_weights(use_ema):
+            for start in range(0, n, self.sample_batch_size):
+                part = slice(start, min(n, start + self.sample_batch_size))
+                m = part.stop - part.start
+                yb = None if y is None else y[part].to(self.device)
+                chunk = None if noise is None else noise[part]
+                out.append(
+                    self.draw(
+                        m, yb, generator, noise=chunk, index=part, n=n, progress=progress, **opts
+                    )  # fmt: skip
+                )
+        return torch.cat(out).clamp(-1, 1)
+
+
+__all__ = ["FamilyModule", "GenerativeModule", "count_parameters", "optimizers", "rng_state"]
