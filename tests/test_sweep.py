@@ -176,11 +176,12 @@ def test_dashboard_in_headless_chromium(tiny_sweep, tmp_path):
 
 def test_dashboard_cli_errors_are_one_line(tmp_path):
     missing = run_cli(
-        [str(tmp_path / "nope")], cwd=tmp_path, module="genlab.dashboard", check=False
+        [f"dir={tmp_path / 'nope'}"], cwd=tmp_path, module="genlab.dashboard", check=False
     )
-    assert missing.returncode == 2 and "is not a directory" in missing.stderr
-    empty = run_cli([str(tmp_path)], cwd=tmp_path, module="genlab.dashboard", check=False)
-    assert empty.returncode == 2 and "no runs under" in empty.stderr
+    assert missing.returncode == 1 and "is not a directory" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    empty = run_cli([f"dir={tmp_path}"], cwd=tmp_path, module="genlab.dashboard", check=False)
+    assert empty.returncode == 1 and "no runs under" in empty.stderr
     assert len(empty.stderr.strip().splitlines()) == 1
 
 

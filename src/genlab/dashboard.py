@@ -1,6 +1,6 @@
 """The local dashboard: one self-contained HTML page that puts runs side by side.
 
-    python -m genlab.dashboard <dir> [--out FILE]
+    python -m genlab.dashboard dir=<dir> [out=FILE] [max_points=300]
 
 <dir> is a sweep directory (logs/train/multiruns/<time>), a single run, or any folder of
 runs. The page (default ``<dir>/dashboard.html``) needs no server and nothing from the
@@ -22,12 +22,14 @@ shown as text, never markup: html.escape in the HTML written here, ``<``/``>``/`
 
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime as dt
 import html
 import json
 from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
 
 from genlab.runs import (
     config_differences,
@@ -38,6 +40,7 @@ from genlab.runs import (
     metric_columns,
     read_curves,
 )
+from genlab.utils import CONF_DIR, UsageError, compose
 
 COLUMNS = [  # (key, header) of the run fields shown before the metrics
     ("name", "run"),
@@ -395,20 +398,25 @@ def build(root: str | Path, out: str | Path | None = None, max_points: int = 300
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m genlab.dashboard", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("dir", help="a sweep directory, a run, or a folder of runs")
-    parser.add_argument("--out", help="the HTML file (default: <dir>/dashboard.html)")
-    parser.add_argument("--max-points", type=int, default=300, help="per curve")
-    args = parser.parse_args(argv)
+def run(cfg: DictConfig) -> Path:
+    """Build the page as ``cfg`` (a composed ``conf/dashboard.yaml``) says."""
     try:
-        path = build(args.dir, args.out, args.max_points)
+        path = build(cfg.dir, cfg.out, int(cfg.max_points))
     except FileNotFoundError as err:
-        parser.exit(2, f"genlab.dashboard: {err}\n")
+        raise UsageError(f"genlab.dashboard: {err}") from None
     print(f"wrote {path} (open it in a browser: file://{path.resolve()})")
+    return path
+
+
+def main(argv: list[str]) -> Path:
+    """``python -m genlab.dashboard <argv>`` from Python."""
+    return run(compose("dashboard", argv))
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="dashboard")
+def cli(cfg: DictConfig) -> None:
+    run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli()
