@@ -192,6 +192,7 @@ def _train(cfg: DictConfig, run_dir: Path, fingerprint: str, state: dict) -> dic
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
+    datamodule.batches_per_step = model.batches_per_step  # for an exact mid-epoch resume
     model.set_guidance(build_guidance(cfg.get("guidance")))  # grids and evaluation sample guided
     marks: dict = {}  # step at which fitting started (non-zero when resuming), for images/s
     mark = L.pytorch.callbacks.LambdaCallback(

@@ -122,6 +122,10 @@ class ImageDataModule(L.LightningDataModule):
         self.download = download
         self.seed = seed
         self.binarize = binarize
+        # data batches one global step consumes (a GAN's n_critic discriminator batches per
+        # generator step): handed in by whoever pairs the data with a model (genlab.train),
+        # so a mid-epoch resume skips exactly what was trained
+        self.batches_per_step = 1
         self._splits: dict[str, TensorDataset] = {}
         self._grey: dict[str, TensorDataset] = {}  # 8-bit splits behind binarised ones
 
@@ -212,11 +216,8 @@ class ImageDataModule(L.LightningDataModule):
             per_epoch = (
                 len(data) // self.batch_size if drop_last else -(-len(data) // self.batch_size)
             )
-            # batches per global step: gradient accumulation, or a family taking several
-            # batches per step (a GAN's n_critic discriminator batches per generator step)
-            per_step = trainer.accumulate_grad_batches * getattr(
-                trainer.lightning_module, "batches_per_step", 1
-            )
+            # batches per global step: gradient accumulation times the family's count
+            per_step = trainer.accumulate_grad_batches * self.batches_per_step
             done = (trainer.global_step * per_step) % per_epoch
             sampler.skip = done * self.batch_size
         return DataLoader(
