@@ -205,8 +205,10 @@ class GANModule(GenerativeModule):
     def latents(
         self, n: int, generator: torch.Generator | None = None, truncation: float | None = None
     ) -> torch.Tensor:
-        """z ~ N(0, I) (n, z_dim) on the CPU; with ``truncation`` t, entries with |z| > t are
-        redrawn until inside (the truncation trick, Brock et al. 2019)."""
+        """z ~ N(0, I) (n, z_dim) on the CPU; with ``truncation`` t (default: the model's),
+        entries with |z| > t are redrawn until inside (the truncation trick, Brock et al.
+        2019)."""
+        truncation = self.truncation if truncation is None else truncation
         z = torch.randn(n, self.z_dim, generator=generator)
         if truncation:
             for _ in range(1000):
@@ -219,9 +221,7 @@ class GANModule(GenerativeModule):
     def prior_noise(self, n, generator, *, truncation=None, z=None, **_) -> torch.Tensor:
         """The latents of the whole request: ``z`` (n, z_dim) if given, else a prior draw
         (truncated at ``truncation``, default the model's)."""
-        if z is not None:
-            return z
-        return self.latents(n, generator, truncation if truncation is not None else self.truncation)
+        return self.latents(n, generator, truncation) if z is None else z
 
     def draw(self, m, y, generator, *, noise, index, n, progress, truncation=None, z=None):
         """G(z, y) for this chunk's latents (``sample(n, y, generator, truncation=, z=)``;

@@ -34,6 +34,7 @@ class Guidance:
     """Base class: no effect until a method overrides a hook."""
 
     name = "guidance"
+    weights: list[float] | None = None  # relative weights of the targets, if any
 
     def check(self, model) -> None:
         """Raise ``GuidanceError`` if ``model`` cannot be guided this way."""
@@ -56,7 +57,7 @@ class Guidance:
         """What each grid column is steered toward when targets are cycled without weights
         (so a grid that many columns wide has one target per column); None otherwise."""
         targets = self.targets()
-        if not targets or getattr(self, "weights", None) is not None or len(targets) > 16:
+        if not targets or self.weights is not None or len(targets) > 16:
             return None
         return [str(t) for t in targets]
 

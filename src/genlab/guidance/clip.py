@@ -264,10 +264,9 @@ class ClipLatent(_ClipMethod):
         latents (``z=``, interpolation grids) pass through unguided."""
         if opts.get("z") is not None:
             return draw(n, y=y, generator=generator, **opts)
-        truncation = opts.get("truncation", getattr(model, "truncation", None))
-        if truncation:  # a GAN's truncation trick, as its own sample applies it
-            z0 = model.latents(n, generator, truncation)
-        else:
+        if opts.get("truncation") is not None:  # a GAN's truncation trick, asked for
+            z0 = model.latents(n, generator, opts["truncation"])
+        else:  # the prior the model samples from (a GAN's own truncation included)
             z0 = model.latents(n, generator)
         if model.num_classes and y is None:
             y = torch.randint(0, model.num_classes, (n,), generator=generator)
