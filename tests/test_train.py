@@ -1,5 +1,6 @@
 """End to end: every model preset trains on tiny synthetic data, samples, checkpoints, resumes."""
 
+import csv
 import json
 import os
 import signal
@@ -147,6 +148,31 @@ def test_stop_and_resume_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
     assert summary["global_step"] == 10
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_into_the_same_directory_keeps_every_metrics_row_once(tiny_cfg, tmp_path):
+    """Stop at step 6 (a checkpoint at 3 and 6), resume into the same directory to 10: the
+    rows before the resume stay in metrics.csv, no step appears twice, and the losses equal
+    those of an uninterrupted run (issue 18: the resume used to delete the history)."""
+    common = ["data.num_samples=64", "data.batch_size=16", "~callbacks.sample_grid",
+              "callbacks.last_checkpoint.every_n_train_steps=3", "trainer.val_check_interval=3",
+              "callbacks.periodic_checkpoint.every_n_train_steps=3"]  # fmt: skip
+
+    def run(sub, steps, ckpt=None):
+        cfg = tiny_cfg(*common, f"trainer.max_steps={steps}")
+        cfg.paths.output_dir = str(tmp_path / sub)
+        cfg.ckpt_path = ckpt
+        train(cfg)
+        return tmp_path / sub
+
+    straight = run("straight", 10)
+    run("same", 6)
+    same = run("same", 10, str(tmp_path / "same/checkpoints/last.ckpt"))
+    rows = list(csv.DictReader(open(same / "metrics.csv")))
+    loss_steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert loss_steps == list(range(10)), loss_steps
+    assert logged(same, "train/loss") == logged(straight, "train/loss")
+    assert len(logged(same, "val/loss")) == len(logged(straight, "val/loss"))
 
 
 def test_cli_run_directory_wandb_offline_and_sample_cli(tmp_path):

@@ -17,10 +17,11 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from genlab.callbacks.checkpoint import AtomicCheckpointIO
+from genlab.callbacks.csv_log import ResumableCSVLogger
 from genlab.callbacks.evaluation import Evaluation
 from genlab.guidance import build_guidance
 from genlab.runs import read_summary, write_summary
@@ -70,7 +71,7 @@ def wandb_settings(conf: DictConfig, run_dir: Path, family: str | None) -> dict:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path, family: str | None = None) -> list:
-    loggers: list = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    loggers: list = [ResumableCSVLogger(save_dir=str(run_dir), name="", version="")]
     for name, conf in (cfg.get("logger") or {}).items():
         if not conf or "_target_" not in conf:
             continue
