@@ -20,7 +20,7 @@ from omegaconf import OmegaConf, read_write
 
 from genlab import dashboard
 from genlab.runs import find_runs, latest_images, read_curves
-from genlab.train import train, wandb_settings
+from genlab.train import RunConflictError, train, wandb_settings
 
 from .conftest import REPO, TINY, compose_cfg, run_cli, standalone_presets
 
@@ -103,7 +103,7 @@ def test_rerun_finishes_only_the_jobs_that_did_not_complete(tmp_path):
 def test_unfinished_run_resumes_from_its_last_checkpoint(tiny_cfg, monkeypatch):
     """A job that died at step 2 (here: a NaN loss) resumes from its last.ckpt when the same
     config runs again in its directory; once completed it is skipped; another config in the
-    same directory neither resumes nor skips."""
+    same directory is refused (issue 18: it used to overwrite the completed run)."""
     from genlab.families import GANModule
 
     original = GANModule.d_loss
@@ -123,8 +123,9 @@ def test_unfinished_run_resumes_from_its_last_checkpoint(tiny_cfg, monkeypatch):
     assert resumed["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
     assert resumed["status"] == "completed" and resumed["global_step"] == 4
     assert train(cfg) == json.loads((run / "summary.json").read_text())  # completed: skipped
-    other = train(tiny_cfg("model=gan", "~callbacks.sample_grid", "seed=1"))
-    assert other["resumed_from"] is None and other["protocol"]["seed"] == 1
+    with pytest.raises(RunConflictError, match="another config"):
+        train(tiny_cfg("model=gan", "~callbacks.sample_grid", "seed=1"))
+    assert json.loads((run / "summary.json").read_text())["protocol"]["seed"] == 0
 
 
 def test_failure_before_fitting_is_recorded(tiny_cfg):

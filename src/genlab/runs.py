@@ -61,6 +61,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 # ------------------------------------------------------------------ summary.json
+UNREADABLE = "cannot be read"
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
@@ -79,13 +80,25 @@ def write_summary(run_dir: str | Path, summary: dict, merge: bool = True) -> Pat
     """Write (or merge into) ``<run_dir>/summary.json`` atomically."""
     path = Path(run_dir) / "summary.json"
     data = read_summary(run_dir) if merge else {}
+    if UNREADABLE in str(data.get("error")):
+        data = {}  # an unreadable summary is replaced, not merged into
     data.update(_jsonable(summary))
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_summary(run_dir: str | Path) -> dict:
+    """``<run_dir>/summary.json`` ({} if there is none). A summary that cannot be read is a
+    failed run: ``{"status": "failed", "error": "... cannot be read ..."}``."""
     path = Path(run_dir) / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        return data
+    except (ValueError, UnicodeDecodeError) as err:
+        return {"status": "failed", "error": f"{path} {UNREADABLE} ({err}); re-run the job"}
 
 
 # ------------------------------------------------------------------ reading a run back

@@ -109,11 +109,19 @@ def _rank() -> int:
 NOT_HASHED = ("hydra", "paths", "ckpt_path", "skip_completed")
 
 
+class RunConflictError(ValueError):
+    """The run directory holds a run of another config; nothing in it is touched."""
+
+
 def config_hash(cfg: DictConfig) -> str:
-    """A fingerprint of what a run trains (the config without paths, resume and Hydra keys):
-    a run directory is continued or skipped only by a run with the same fingerprint."""
+    """A fingerprint of what a run trains: the config without resume and Hydra keys and
+    without the paths of outputs and caches, but with the data's location (``data.root``
+    resolved), which is part of a run's identity. A run directory is continued or skipped only
+    by a run with the same fingerprint."""
     plain = OmegaConf.to_container(cfg, resolve=False)
     kept = {k: v for k, v in plain.items() if k not in NOT_HASHED}
+    root = OmegaConf.select(cfg, "data.root", throw_on_resolution_failure=False)
+    kept["data_root"] = str(Path(os.path.expanduser(str(root))).resolve()) if root else None
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -127,6 +135,14 @@ def train(cfg: DictConfig) -> dict:
     fingerprint = config_hash(cfg)
     earlier = read_summary(run_dir)
     same = earlier.get("config_hash") == fingerprint
+    last = run_dir / "checkpoints" / "last.ckpt"
+    holds_run = last.exists() or earlier.get("status") == "completed"
+    if holds_run and not same and cfg.get("ckpt_path") is None:
+        raise RunConflictError(
+            f"{run_dir} holds a run of another config (config_hash {earlier.get('config_hash')}, "
+            f"this one {fingerprint}): train into a new directory, or resume it on purpose "
+            f"with ckpt_path={last}"
+        )
     if same and earlier.get("status") == "completed" and cfg.get("skip_completed", True):
         log.info("%s: already completed, skipped (skip_completed=false to train again)", run_dir)
         return earlier
@@ -134,7 +150,6 @@ def train(cfg: DictConfig) -> dict:
         (run_dir / ".hydra").mkdir(exist_ok=True)
         plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         OmegaConf.save(plain, run_dir / ".hydra" / "config.yaml")
-    last = run_dir / "checkpoints" / "last.ckpt"
     if cfg.get("ckpt_path") is None and same and last.exists():
         log.info("%s: resuming the unfinished run from %s", run_dir, last)
         cfg = cfg.copy()

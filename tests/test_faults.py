@@ -1,0 +1,55 @@
+"""Faults and bad inputs around the run directory (issue 18): a run's records that cannot be
+read make a failed run, not a crash; a directory that holds a run is never overwritten by a
+run of another config; the data's location is part of a run's identity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from genlab import dashboard
+from genlab.runs import load_run, read_summary, write_summary
+from genlab.train import RunConflictError, config_hash, train
+
+from .conftest import compose_cfg
+
+
+def test_a_corrupt_summary_is_a_failed_run(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (run / "summary.json").write_text('{"status": "completed", "metr')  # cut mid-write
+    record = load_run(run, tmp_path)
+    assert record["status"] == "failed" and "cannot be read" in record["error"]
+    page = dashboard.build(tmp_path)  # the dashboard shows it instead of crashing
+    assert "cannot be read" in page.read_text()
+    write_summary(run, {"status": "running"})  # a new attempt replaces it, merges nothing
+    assert read_summary(run) == {"status": "running"}
+    (run / "summary.json").write_text("[1, 2]")
+    assert read_summary(run)["status"] == "failed"
+
+
+def test_a_run_directory_is_not_overwritten_by_another_config(tiny_cfg):
+    first = tiny_cfg("~callbacks.sample_grid", "metrics.at_end=false")
+    summary = train(first)
+    run = first.paths.output_dir
+    before = json.loads(open(f"{run}/summary.json").read())
+    changed = tiny_cfg("~callbacks.sample_grid", "metrics.at_end=false", "trainer.max_steps=2")
+    changed.paths.output_dir = run
+    with pytest.raises(RunConflictError, match="holds a run of another config"):
+        train(changed)
+    assert json.loads(open(f"{run}/summary.json").read()) == before  # untouched
+    assert before["global_step"] == summary["global_step"] == 4
+    again = tiny_cfg("~callbacks.sample_grid", "metrics.at_end=false")  # the same config
+    again.paths.output_dir = run
+    assert train(again)["global_step"] == 4  # completed: skipped, as before
+
+
+def test_the_data_location_is_part_of_a_runs_identity(tmp_path):
+    a = compose_cfg([f"paths.data_dir={tmp_path / 'a'}"], tmp_path / "run")
+    b = compose_cfg([f"paths.data_dir={tmp_path / 'b'}"], tmp_path / "run")
+    c = compose_cfg([f"paths.data_dir={tmp_path / 'a'}", f"paths.cache_dir={tmp_path}"],
+                    tmp_path / "other")  # fmt: skip
+    assert config_hash(a) != config_hash(b)
+    assert config_hash(a) == config_hash(c)  # outputs and caches are not identity
