@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
 from genlab.data import MNISTDataModule, to_model
 from genlab.diffusion.schedules import CosineSchedule, LinearSchedule
+from genlab.fit_loop import epoch_batches, fit, steps_per_epoch
 from genlab.guidance.classifier import WEIGHTS, NoisyClassifier
 from genlab.metrics.train_digits import random_shift
 from genlab.runs import atomic_torch_save
@@ -77,24 +77,17 @@ def train(
                                             test_y[:limit])  # fmt: skip
     net = NoisyClassifier(channels=1, num_classes=10, width=width)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * ((len(train_x) + batch_size - 1) // batch_size)
+    steps = epochs * steps_per_epoch(len(train_x), batch_size, drop_last=False)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc="noise-aware classifier")
-    for _ in range(epochs):
-        order = torch.randperm(len(train_x), generator=g)
-        for i in range(0, len(train_x), batch_size):
-            idx = order[i : i + batch_size]
-            x0 = random_shift(to_model(train_x[idx]), 2, g)
-            x_t, log_snr = noisy_batch(x0, g)
-            loss = F.cross_entropy(net(x_t, log_snr), train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        x0 = random_shift(to_model(train_x[idx]), 2, g)
+        x_t, log_snr = noisy_batch(x0, g)
+        return F.cross_entropy(net(x_t, log_snr), train_y[idx])
+
+    batches = epoch_batches(len(train_x), batch_size, epochs, g, drop_last=False)
+    fit(loss_of, batches, opt, sched, steps=steps, desc="noise-aware classifier")
     net.eval()
     return {
         "config": net.config,
