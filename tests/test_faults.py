@@ -5,6 +5,7 @@ run of another config; the data's location is part of a run's identity."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,55 @@ def test_the_data_location_is_part_of_a_runs_identity(tmp_path):
                     tmp_path / "other")  # fmt: skip
     assert config_hash(a) != config_hash(b)
     assert config_hash(a) == config_hash(c)  # outputs and caches are not identity
+
+
+def test_a_full_disk_says_so_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import torch
+
+    from genlab.runs import atomic_torch_save
+
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    atomic_torch_save({"step": 1}, path)
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match=f"no space left on {path.parent}"):
+        atomic_torch_save({"step": 2, "big": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}  # the previous file, intact
+    assert list(path.parent.glob(".*.tmp")) == []  # no leftover temporary
+
+
+def test_checkpoints_get_the_usual_permissions_and_stale_temporaries_go(tiny_cfg):
+    import os
+    import stat
+
+    cfg = tiny_cfg("~callbacks.sample_grid", "metrics.at_end=false", "trainer.max_steps=2")
+    ckpts = Path(cfg.paths.output_dir) / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / ".last.ckpt.abc123.tmp").write_bytes(b"half a checkpoint")  # a killed write
+    train(cfg)
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = stat.S_IMODE((ckpts / "last.ckpt").stat().st_mode)
+    assert mode == 0o666 & ~umask  # was 0600 (mkstemp's)
+    assert not list(ckpts.glob(".*.tmp"))

@@ -10,6 +10,7 @@ Layout (DESIGN.md): ``.hydra/config.yaml`` (the composed config), ``checkpoints/
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 import os
@@ -43,9 +44,34 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if _out_of_space(err):
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on {path.parent} while writing {path.name}: "
+                "free some space, then resume (the previous file is intact)",
+            ) from None
         raise
+
+
+def _out_of_space(err: BaseException) -> bool:
+    """ENOSPC anywhere in the chain (torch wraps the OSError of a failed write)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files a killed ``atomic_file`` left in ``directory``."""
+    stale = sorted(Path(directory).glob(".*.tmp")) if Path(directory).is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
@@ -62,6 +88,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 # ------------------------------------------------------------------ summary.json
 UNREADABLE = "cannot be read"
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()

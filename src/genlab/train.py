@@ -24,7 +24,7 @@ from genlab.callbacks.checkpoint import AtomicCheckpointIO
 from genlab.callbacks.csv_log import ResumableCSVLogger
 from genlab.callbacks.evaluation import Evaluation
 from genlab.guidance import build_guidance
-from genlab.runs import read_summary, write_summary
+from genlab.runs import read_summary, remove_stale_temporaries, write_summary
 from genlab.utils import CONF_DIR, sweep_dir, wandb_mode
 
 log = logging.getLogger("genlab")
@@ -150,6 +150,8 @@ def train(cfg: DictConfig) -> dict:
         (run_dir / ".hydra").mkdir(exist_ok=True)
         plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         OmegaConf.save(plain, run_dir / ".hydra" / "config.yaml")
+    for stale in remove_stale_temporaries(run_dir / "checkpoints"):  # from a killed writer
+        log.info("removed %s (an unfinished checkpoint write)", stale)
     if cfg.get("ckpt_path") is None and same and last.exists():
         log.info("%s: resuming the unfinished run from %s", run_dir, last)
         cfg = cfg.copy()
