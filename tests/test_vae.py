@@ -334,8 +334,10 @@ def test_vqvae_prior_two_stage_run(tiny_cfg, tmp_path):
     stage1 = tiny_cfg("model=vqvae", "metrics.at_end=false")
     train(stage1)
     vq_run = stage1.paths.output_dir
+    missing = tiny_cfg("model=vqvae_prior")
+    missing.paths.output_dir = str(tmp_path / "missing")  # not stage 1's directory
     with pytest.raises(Exception, match="vqvae_run"):
-        train(tiny_cfg("model=vqvae_prior"))  # the stage-1 run is required
+        train(missing)  # the stage-1 run is required
     stage2 = tiny_cfg(
         "model=vqvae_prior", f"model.vqvae_run={vq_run}", "model.num_classes=${data.num_classes}"
     )

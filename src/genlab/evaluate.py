@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
 from genlab.data import readers
+from genlab.evaluation import evaluate_model
 from genlab.families.contract import Denoising
 from genlab.metrics.common import WeightsNotFoundError
 from genlab.metrics.evaluator import Evaluator
@@ -142,7 +143,9 @@ def evaluate_run(cfg: DictConfig) -> dict:
     settings = metrics_config(cfg, run_cfg.get("metrics"), run_cfg)
     evaluator = Evaluator(**settings, on_missing_weights="raise")
     datamodule = instantiate(run_cfg.data)
-    result = evaluator.evaluate_model(model, datamodule)
+    start = time.perf_counter()
+    metrics, protocol = evaluate_model(evaluator, model, datamodule)
+    result = {"metrics": metrics, "protocol": protocol, "time_s": time.perf_counter() - start}
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "ckpt": ckpt, "step": step, **result}
     summary = read_summary(run_dir)
     write_summary(run_dir, {"evaluations": [*summary.get("evaluations", []), record]})

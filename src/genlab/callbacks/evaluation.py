@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +21,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from genlab.callbacks.periodic import PeriodicCallback
+from genlab.evaluation import evaluate_model
 from genlab.metrics.evaluator import Evaluator
 
 log = logging.getLogger("genlab")
@@ -37,7 +39,9 @@ class Evaluation(PeriodicCallback):
     @rank_zero_only
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         step = trainer.global_step
-        result = self.evaluator.evaluate_model(pl_module, trainer.datamodule)
+        start = time.perf_counter()
+        metrics, protocol = evaluate_model(self.evaluator, pl_module, trainer.datamodule)
+        result = {"metrics": metrics, "protocol": protocol, "time_s": time.perf_counter() - start}
         result["step"] = step
         for logger in trainer.loggers:
             logger.log_metrics(result["metrics"], step=step)

@@ -1,21 +1,18 @@
-"""The evaluation protocol: one ``Evaluator`` used by the training callback and by
-``python -m genlab.evaluate``, for every family, through the family contract only
-(``sample(n, y, generator)``, ``bits_per_dim(x)``, optionally ``sampling_net(use_ema)``).
+"""The evaluation protocol on images and features: one ``Evaluator`` (its settings and what
+is worth keeping between evaluations: the built extractors and the reference statistics)
+used by ``genlab.evaluation`` for models and by ``python -m genlab.evaluate`` for images. It
+never sees a model: sampling one for evaluation is ``genlab.evaluation.evaluate_model``.
 
 - Sample quality: FID, KID, Inception Score and precision/recall computed by torch-fidelity's
-  own functions on features of uint8 images held in memory (never PNG files). Generated images
-  are sampled in chunks with a fixed seed and turned into features as they come, so memory is
-  bounded by the features, not the images.
+  own functions on features of uint8 images held in memory (never PNG files). Images arrive in
+  chunks and are turned into features as they come, so memory is bounded by the features.
 - Reference statistics (features and FID mean/covariance of the real split) are computed once
   and cached on disk under ``<cache_dir>/reference``, keyed by dataset, split, resolution, the
   dataset's file fingerprint, the number of images, the extractor and the sha256 of its
   weights; a second evaluation costs only the generated side.
-- Likelihood: ``val/bpd`` on the first ``bpd_images`` validation images, in the convention of
-  ``genlab.metrics.likelihood``.
-- Cost: ``val/sample_img_per_s`` (sampling only, feature extraction excluded) and
-  ``val/sample_nfe`` (network rows evaluated per image, counted by a forward hook).
+- CLIP score of the images against ``clip.prompts`` (or, for guided samples, their own).
 
-Every result comes with the protocol that produced it (``protocol`` in the returned dict).
+Every result comes with the protocol that produced it.
 """
 
 from __future__ import annotations
@@ -24,10 +21,9 @@ import hashlib
 import inspect
 import json
 import logging
-import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -35,13 +31,10 @@ import torch_fidelity
 from torch_fidelity.metric_fid import fid_features_to_statistics
 from tqdm.auto import tqdm
 
-from genlab.data.convert import to_model, to_uint8
-from genlab.families.contract import Generative, Likelihood
+from genlab.data.convert import to_model
 from genlab.metrics.common import WeightsNotFoundError
 from genlab.metrics.extractors import Extractor, build_extractor, to_rgb_uint8
 from genlab.metrics.fidelity import fidelity_metrics
-from genlab.metrics.likelihood import CONVENTION
-from genlab.metrics.protocol import count_rows
 from genlab.runs import atomic_torch_save
 
 log = logging.getLogger("genlab")
@@ -250,29 +243,6 @@ class Evaluator:
         return min(self.kid_subset_size, n_gen, n_ref)
 
     # ------------------------------------------------------------------ the generated side
-    def _sample_chunks(self, model, n: int, stats: dict) -> Iterator[torch.Tensor]:
-        """uint8 chunks of n samples (fixed seed, balanced labels); times sampling only."""
-        generator = torch.Generator().manual_seed(self.seed)
-        k = model.num_classes
-        labels = torch.arange(n) % k if k > 0 else None
-        opts = {"use_ema": self.use_ema}
-        net = model.nfe_module()
-        bar = tqdm(total=n, desc="eval: sampling", leave=False, disable=not self.progress)
-        with count_rows(net) as rows:
-            for start in range(0, n, self.sample_batch_size):
-                m = min(self.sample_batch_size, n - start)
-                y = None if labels is None else labels[start : start + m]
-                t0 = time.perf_counter()
-                images = model.sample(m, y=y, generator=generator, **opts)
-                if images.is_cuda:
-                    torch.cuda.synchronize(images.device)
-                stats["sample_s"] += time.perf_counter() - t0
-                bar.update(m)
-                yield to_uint8(images).cpu()
-        bar.close()
-        # None where the net never ran whole (no net, or a cached autoregressive sampler)
-        stats["nfe"] = rows[0] / n if net is not None and rows[0] > 0 else None
-
     def _consume(self, chunks: Iterable[torch.Tensor], exts: list[Extractor], guided=None) -> dict:
         feats: dict[str, list[dict]] = {ext.key: [] for ext in exts}
         clip_scores = []
@@ -314,7 +284,7 @@ class Evaluator:
         guidance says which prompt each of its images got); others against
         ``clip.prompts``, cycled over all the samples."""
         if guided is not None:
-            clip, pair = guided.clip_targets(len(images))
+            clip, pair = guided(len(images))
         else:
             clip, prompts = self._clip, list(self.clip_cfg["prompts"])
             pair = [prompts[(offset + i) % len(prompts)] for i in range(len(images))]
@@ -342,7 +312,7 @@ class Evaluator:
     def _annotate(self, protocol: dict, guided=None) -> None:
         if guided is not None:
             protocol["clip"] = {
-                **guided.clip_targets(0)[0].protocol(),
+                **guided(0)[0].protocol(),
                 "prompts": "each sample's own guidance prompt (sampler.guidance.prompts)",
                 "scorer": "the guiding CLIP: guided samples score high on it by construction",
             }
@@ -361,91 +331,41 @@ class Evaluator:
             "torch_fidelity": torch_fidelity.__version__,
         }
 
-    def evaluate_model(self, model, datamodule, n: int | None = None) -> dict:
-        """Sample n images from ``model`` and compute the configured metrics.
-        Returns {"metrics": {"val/<name>": float}, "protocol": {...}, "time_s": float}."""
-        start = time.perf_counter()
-        n = int(n or self.num_samples)
-        device = model.device
-        exts = self.setup(datamodule.name, device)
+    def prepare(self, dataset: str, device, guided=None) -> bool:
+        """Build what the configured metrics need on ``device`` (extractors, CLIP); True when
+        they need images at all (features, CLIP scores or the sampling cost)."""
+        exts = self.setup(dataset, device)
         self._setup_clip(device)
-        guidance = model.guidance  # guided toward prompts: scored against them
-        guided = guidance if guidance is not None and guidance.clip_targets(0) else None
         if guided is not None:
             self.not_computed.pop("clip", None)
-        metrics: dict[str, float] = {}
+        return bool(exts or self._clip is not None or guided is not None or "cost" in self.metrics)
+
+    def score(self, chunks: Iterable[torch.Tensor], datamodule, n: int, guided=None):
+        """Metrics of uint8 image chunks (N, C, H, W) against the dataset's reference split:
+        ``({name: value}, protocol)``; ``guided(n) -> (CLIP scorer, prompts)`` scores samples
+        steered toward prompts against their own. Call ``prepare`` first."""
+        exts = self.extractors or []
+        consumed = self._consume(chunks, exts, guided)
         protocol = self.base_protocol(datamodule, n)
-        described = model.describe(self.use_ema)
-        protocol.update(
-            sampler=described["sampler"],
-            weights=described["weights"],
-            labels=f"balanced over {model.num_classes} classes" if model.num_classes else None,
-        )
-        wants_samples = (
-            exts or self._clip is not None or guided is not None or "cost" in self.metrics
-        )
-        if wants_samples and not isinstance(model, Generative):  # e.g. VQ-VAE, no prior
-            self.not_computed["samples"] = (
-                f"{type(model).__name__} cannot sample on its own (no prior): "
-                "no sample-quality or sampling-cost metrics"
-            )
-            wants_samples = False
-        if wants_samples:
-            stats = {"sample_s": 0.0, "nfe": None}
-            consumed = self._consume(self._sample_chunks(model, n, stats), exts, guided)
-            fid_metrics, protocol["extractors"] = self._fidelity_results(exts, consumed, datamodule)
-            metrics.update(fid_metrics)
-            if "cost" in self.metrics:
-                metrics["sample_img_per_s"] = n / max(stats["sample_s"], 1e-9)
-                if stats["nfe"] is not None:
-                    metrics["sample_nfe"] = stats["nfe"]
-                protocol["cost"] = {"device": str(device), "batch": self.sample_batch_size}
-        if "bpd" in self.metrics and isinstance(model, Likelihood):
-            metrics["bpd"], protocol["bpd"] = self.bits_per_dim(model, datamodule)
+        metrics, protocol["extractors"] = self._fidelity_results(exts, consumed, datamodule)
+        return metrics, protocol
+
+    def finish(self, protocol: dict, guided=None) -> dict:
+        """The protocol with what the CLIP score used and what was not computed."""
         self._annotate(protocol, guided)
-        return {
-            "metrics": {f"val/{k}": v for k, v in metrics.items()},
-            "protocol": protocol,
-            "time_s": time.perf_counter() - start,
-        }
+        return protocol
 
     def evaluate_images(self, images: torch.Tensor, datamodule, device="cpu") -> dict:
         """Metrics of given uint8 images (N, C, H, W) (samples from any tool) vs the dataset."""
         start = time.perf_counter()
-        exts = self.setup(datamodule.name, device)
-        self._setup_clip(device)
+        self.prepare(datamodule.name, device)
         chunks = (
             images[i : i + self.sample_batch_size]
             for i in range(0, len(images), self.sample_batch_size)
         )
-        consumed = self._consume(chunks, exts)
-        protocol = self.base_protocol(datamodule, len(images))
-        metrics, protocol["extractors"] = self._fidelity_results(exts, consumed, datamodule)
-        self._annotate(protocol)
+        metrics, protocol = self.score(chunks, datamodule, len(images))
         return {
             "metrics": {f"val/{k}": v for k, v in metrics.items()},
-            "protocol": protocol,
+            "protocol": self.finish(protocol),
             "time_s": time.perf_counter() - start,
         }
-
-    @torch.no_grad()
-    def bits_per_dim(self, model, datamodule) -> tuple[float, dict]:
-        """Mean bits/dim of the first ``bpd_images`` validation images."""
-        val = datamodule.load_split("val")
-        images = val.tensors[0][: self.bpd_images]
-        x = to_model(images).to(model.device)
-        generator = torch.Generator().manual_seed(self.seed)
-        starts = range(0, len(x), self.bpd_batch_size)
-        bar = tqdm(starts, desc="eval: bits/dim", leave=False, disable=not self.progress)
-        bpd = torch.cat(
-            [
-                model.bits_per_dim(x[i : i + self.bpd_batch_size], generator=generator).cpu()
-                for i in bar
-            ]
-        )
-        protocol = {"images": len(x), "split": "val", "convention": CONVENTION}
-        protocol.update(model.bpd_protocol())
-        value = bpd.mean().item()
-        if not math.isfinite(value):
-            log.warning("bits/dim is not finite (%s)", value)
-        return value, protocol

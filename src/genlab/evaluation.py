@@ -1,0 +1,108 @@
+"""Evaluating a model: sample it for the evaluation protocol and measure what it offers.
+
+``evaluate_model(evaluator, model, datamodule)`` draws ``num_samples`` images with a fixed
+seed and balanced labels (through the family contract only), times the sampling
+(``sample_img_per_s``, feature extraction excluded), counts network evaluations per image
+(``sample_nfe``, a forward hook on ``model.nfe_module()``), scores guided samples against the
+prompts they were steered toward, and computes bits/dim of the first ``bpd_images``
+validation images for ``Likelihood`` models. It returns ``(metrics, protocol)`` and keeps
+nothing between calls; what is worth keeping (extractors, reference statistics) lives in the
+``genlab.metrics.Evaluator`` the caller owns and passes in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from genlab.data.convert import to_model, to_uint8
+from genlab.families.contract import Generative, Likelihood
+from genlab.metrics.evaluator import Evaluator
+from genlab.metrics.likelihood import CONVENTION
+from genlab.metrics.protocol import count_rows
+
+log = logging.getLogger("genlab")
+
+
+def sample_chunks(model, n: int, ev: Evaluator, stats: dict) -> Iterator[torch.Tensor]:
+    """uint8 chunks of n samples (seed ``ev.seed``, labels balanced over the classes); adds
+    the sampling seconds and the network evaluations per image to ``stats``."""
+    generator = torch.Generator().manual_seed(ev.seed)
+    labels = torch.arange(n) % model.num_classes if model.num_classes else None
+    net = model.nfe_module()
+    bar = tqdm(total=n, desc="eval: sampling", leave=False, disable=not ev.progress)
+    with count_rows(net) as rows:
+        for start in range(0, n, ev.sample_batch_size):
+            m = min(ev.sample_batch_size, n - start)
+            y = None if labels is None else labels[start : start + m]
+            t0 = time.perf_counter()
+            images = model.sample(m, y=y, generator=generator, use_ema=ev.use_ema)
+            if images.is_cuda:
+                torch.cuda.synchronize(images.device)
+            stats["sample_s"] += time.perf_counter() - t0
+            bar.update(m)
+            yield to_uint8(images).cpu()
+    bar.close()
+    # None where the net never ran whole (no net, or a cached autoregressive sampler)
+    stats["nfe"] = rows[0] / n if net is not None and rows[0] > 0 else None
+
+
+@torch.no_grad()
+def bits_per_dim(model, datamodule, ev: Evaluator) -> tuple[float, dict]:
+    """Mean bits/dim of the first ``ev.bpd_images`` validation images, and how."""
+    images = datamodule.load_split("val").tensors[0][: ev.bpd_images]
+    x = to_model(images).to(model.device)
+    generator = torch.Generator().manual_seed(ev.seed)
+    starts = range(0, len(x), ev.bpd_batch_size)
+    bar = tqdm(starts, desc="eval: bits/dim", leave=False, disable=not ev.progress)
+    bpd = torch.cat(
+        [model.bits_per_dim(x[i : i + ev.bpd_batch_size], generator=generator).cpu() for i in bar]
+    )
+    protocol = {"images": len(x), "split": "val", "convention": CONVENTION}
+    protocol.update(model.bpd_protocol())
+    value = bpd.mean().item()
+    if not math.isfinite(value):
+        log.warning("bits/dim is not finite (%s)", value)
+    return value, protocol
+
+
+def evaluate_model(
+    ev: Evaluator, model, datamodule, n: int | None = None
+) -> tuple[dict[str, float], dict]:
+    """``({"val/<name>": value}, protocol)`` of ``model`` under the protocol ``ev`` sets."""
+    n = int(n or ev.num_samples)
+    device = model.device
+    guidance = model.guidance  # guided toward prompts: scored against them
+    guided = guidance.clip_targets if guidance is not None and guidance.clip_targets(0) else None
+    wants_images = ev.prepare(datamodule.name, device, guided)
+    described = model.describe(ev.use_ema)
+    metrics: dict[str, float] = {}
+    protocol = ev.base_protocol(datamodule, n)
+    if wants_images and not isinstance(model, Generative):  # e.g. a VQ-VAE without a prior
+        ev.not_computed["samples"] = (
+            f"{type(model).__name__} cannot sample on its own (no prior): "
+            "no sample-quality or sampling-cost metrics"
+        )
+        wants_images = False
+    if wants_images:
+        stats = {"sample_s": 0.0, "nfe": None}
+        metrics, protocol = ev.score(sample_chunks(model, n, ev, stats), datamodule, n, guided)
+        if "cost" in ev.metrics:
+            metrics["sample_img_per_s"] = n / max(stats["sample_s"], 1e-9)
+            if stats["nfe"] is not None:
+                metrics["sample_nfe"] = stats["nfe"]
+            protocol["cost"] = {"device": str(device), "batch": ev.sample_batch_size}
+    protocol.update(
+        sampler=described["sampler"],
+        weights=described["weights"],
+        labels=f"balanced over {model.num_classes} classes" if model.num_classes else None,
+    )
+    if "bpd" in ev.metrics and isinstance(model, Likelihood):
+        metrics["bpd"], protocol["bpd"] = bits_per_dim(model, datamodule, ev)
+    protocol = ev.finish(protocol, guided)
+    return {f"val/{k}": v for k, v in metrics.items()}, protocol
