@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from genlab.data.convert import from_levels
 from genlab.families.base import GenerativeModule
 from genlab.families.common import check_finite, class_marginal_nll
 from genlab.metrics.likelihood import (
@@ -39,11 +40,6 @@ def sample_categorical(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw from softmax(logits) (B, K) with uniforms u (B,) -> indices (B,)."""
     cdf = torch.softmax(logits.double(), dim=1).cumsum(1)
     return (cdf < u.double()[:, None]).sum(1).clamp(max=logits.shape[1] - 1)
-
-
-def to_values(k: torch.Tensor) -> torch.Tensor:
-    """8-bit values 0..255 -> [-1, 1]."""
-    return k.float() / 127.5 - 1
 
 
 class AutoregressiveModule(GenerativeModule):
@@ -150,7 +146,7 @@ class AutoregressiveModule(GenerativeModule):
         """Values in [-1, 1] for channel c (categorical: (B,)) or all channels (mixture:
         (B, C)) at one pixel from the network's output there."""
         if self._per_channel:
-            return to_values(sample_categorical(out_ij[:, :, c], u[:, c]))
+            return from_levels(sample_categorical(out_ij[:, :, c], u[:, c]))
         params = out_ij[:, :, None, None]  # (B, P, 1, 1)
         return sample_mix_logistic(params, self.net.num_mixtures, generator)[:, :, 0, 0]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from genlab.data.convert import quantize
 from genlab.diffusion.process import discretized_gaussian_nll
 from genlab.metrics.likelihood import bernoulli_nll, discretized_logistic_nll, is_binary
 
@@ -77,4 +78,4 @@ class DecoderLikelihood:
         else:
             noise = torch.special.ndtri(u)
         x = (loc + log_scale.exp() * noise).clamp(-1, 1)
-        return ((x + 1) * 127.5).round() / 127.5 - 1
+        return quantize(x)

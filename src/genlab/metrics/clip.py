@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 
+from genlab.data.convert import to_unit
 from genlab.metrics.common import WeightsNotFoundError, sha256_file, sha256_state
 from genlab.metrics.digits import load_weights_file, weights_error
 
@@ -331,10 +332,9 @@ class CLIPScore(nn.Module):
         [-1, 1] -> [0, 1] (clamped), grey repeated to RGB, shorter side resized to the model's
         size with antialiased bicubic (clamped to [0, 1] like the uint8 PIL path) and centre
         cropped, or squashed when the model says so; then (x - mean) / std. Differentiable.
-        (``genlab.data.to_unit`` is not used: it detaches.)
         """
         _check_images(images)
-        x = ((images.to(self.device, torch.float32) + 1) / 2).clamp(0, 1)
+        x = to_unit(images.to(self.device), detach=False)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = self._resize(x)

@@ -31,9 +31,9 @@ import torch_fidelity
 from torch_fidelity.metric_fid import fid_features_to_statistics
 from tqdm.auto import tqdm
 
-from genlab.data.convert import to_model
+from genlab.data.convert import to_model, to_rgb_uint8
 from genlab.metrics.common import WeightsNotFoundError
-from genlab.metrics.extractors import Extractor, build_extractor, to_rgb_uint8
+from genlab.metrics.extractors import Extractor, build_extractor
 from genlab.metrics.fidelity import fidelity_metrics
 from genlab.runs import atomic_torch_save
 

@@ -13,7 +13,7 @@ extractors (so torch-fidelity's own metric code runs on their features).
   Inception FID and are logged under their own names (``val/fd_digits``, ``val/is_digits``).
 
 Both take uint8 (B, 3, H, W) images, as torch-fidelity's extractors do; grey images are
-repeated to RGB before they get here (``to_rgb_uint8``).
+repeated to RGB before they get here (``genlab.data.convert.to_rgb_uint8``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 )
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from genlab.data.convert import from_levels
 from genlab.metrics.common import WeightsNotFoundError, sha256_file
 from genlab.metrics.digits import WEIGHTS as DIGIT_WEIGHTS
 from genlab.metrics.digits import (
@@ -48,13 +49,6 @@ from genlab.metrics.digits import (
 INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]
 INCEPTION_HINT = f"download {URL_INCEPTION_V3} and set metrics.inception_weights=<path to the file>"
 DOWNLOAD_TIMEOUT_S = 30
-
-
-def to_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) with C in {1, 3} -> uint8 (B, 3, H, W)."""
-    if images.dtype != torch.uint8:
-        raise TypeError(f"feature extractors take uint8 images, got {images.dtype}")
-    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
 # ------------------------------------------------------------------ the digit classifier
@@ -88,7 +82,7 @@ class DigitFeatureExtractor(FeatureExtractorBase):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected uint8 (B, 3, H, W) images, got {x.dtype} {tuple(x.shape)}")
-        grey = x.float().mean(1, keepdim=True).div_(127.5).sub_(1.0)
+        grey = from_levels(x.float().mean(1, keepdim=True))
         feats = self.net.features(grey)
         out = {"128": feats, "logits": self.net.head(feats)}
         return tuple(out[name].float() for name in self.features_list)

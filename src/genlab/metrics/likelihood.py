@@ -30,6 +30,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from genlab.data.convert import quantize, to_levels
+
 CONVENTION = (
     "-log2 P(x) / (C*H*W) for 8-bit images x (256 bins of width 2/255 on [-1, 1]); "
     "bounds report their upper bound"
@@ -57,7 +59,7 @@ def categorical_bits_per_dim(logits: torch.Tensor, x: torch.Tensor) -> torch.Ten
         (B,) bits/dim.
     """
     if x.is_floating_point():
-        x = ((x.clamp(-1, 1) + 1) * 127.5).round()
+        x = to_levels(x)
     target = x.long()
     # float64 accumulation: sums over thousands of dimensions stay exact to float32 precision
     nll = F.cross_entropy(logits.double(), target, reduction="none")  # (B, C, H, W) nats
@@ -214,11 +216,6 @@ def _uniform(shape: tuple, generator, like: torch.Tensor) -> torch.Tensor:
     device = generator.device if generator is not None else "cpu"
     u = torch.rand(shape, generator=generator, device=device).clamp(1e-7, 1 - 1e-7)
     return u.to(device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
-
-
-def quantize(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest value of the 8-bit grid k/127.5 - 1, clamped to [-1, 1]."""
-    return ((x + 1) * 127.5).round().clamp(0, 255) / 127.5 - 1
 
 
 def sample_mix_logistic(
