@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from genlab.data import to_model
-from genlab.metrics.clip import CLIPScore, load_clip
+from genlab.metrics.clip import CLIPScore
+from genlab.metrics.clip_loader import load_clip
 from genlab.metrics.common import WeightsNotFoundError, sha256_file, sha256_state
 
 CONTEXT = 16  # small, so that long prompts are easy to write

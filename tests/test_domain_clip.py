@@ -11,7 +11,8 @@ import torch
 
 from genlab.data import MNISTDataModule, to_model
 from genlab.metrics import train_clip
-from genlab.metrics.clip import BUNDLED, CLIPScore, load_clip
+from genlab.metrics.clip import CLIPScore
+from genlab.metrics.clip_loader import BUNDLED, load_clip
 
 from .conftest import SHARED
 

@@ -21,7 +21,7 @@ from genlab import dashboard
 from genlab.guidance.classifier import WEIGHTS as NOISY_WEIGHTS
 from genlab.guidance.classifier import load_noisy_classifier
 from genlab.metrics import Evaluator
-from genlab.metrics.clip import BUNDLED, load_clip
+from genlab.metrics.clip_loader import BUNDLED, load_clip
 from genlab.metrics.digits import WEIGHTS as DIGIT_WEIGHTS
 from genlab.metrics.digits import WeightsFileError, load_digit_classifier
 from genlab.metrics.extractors import build_extractor
