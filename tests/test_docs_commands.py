@@ -1,145 +1,360 @@
-"""Every `python -m genlab…` command in README.md and docs/ composes as written.
+"""Every `python -m genlab…` command in README.md and docs/ runs as written, up to `--cfg job`.
 
-Commands are taken from fenced code blocks and inline code, shell-split as a shell would
-(quotes, line continuations, trailing comments), placeholders such as `<run>` filled with a
-path, and composed with Hydra's compose API against the command's root config -- what
-`--cfg job` does, in-process (a sweep's comma lists give their first job). One subprocess per
-command module checks the real `--cfg job` path too. The only commands not composed are the
-scripts that train the shipped weights (plain key=value scripts, not Hydra apps); they are
-listed below with the test that runs them.
+Commands come from fenced code blocks (line continuations joined) and inline code, split as a
+shell would (quotes, trailing comments). Placeholders such as `<run>`, `<sweep>` or
+`<file.json>` are filled from a tiny real run made once per module. Each command is then run
+as `python -m <module> <args> --cfg job` (as written when it already asks for `--help` or
+`--cfg`); a sweep (`-m`) is run once per job it expands to, without `-m` (Hydra refuses `-m`
+with `--cfg`). The exit code must be 0, and every `_target_` in the printed model (for the
+sample command: the run's model with the command's `+model.` changes) must take the keys the
+config gives it, so a keyword the class or function does not have fails here, not at run
+time.
+
+To stay fast, the commands run in one subprocess that imports genlab once and forks a child
+per command; each child runs the module with `runpy` exactly as `python -m` does, with its
+own stdout, stderr and exit code.
 """
 
 from __future__ import annotations
 
-import functools
+import ast
+import importlib.util
 import inspect
+import itertools
+import json
+import os
 import re
 import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.utils import instantiate
+from hydra.utils import get_object
+from omegaconf import OmegaConf
 
-from genlab.utils import CONF_DIR
+from genlab.train import train
 
-from .conftest import REPO, run_cli
+from .conftest import REPO, TINY, compose_cfg
 
-ROOT_CONFIG = {
-    "genlab": "config",
-    "genlab.sample": "sample",
-    "genlab.evaluate": "evaluate",
-    "genlab.dashboard": "dashboard",
-}
-# not Hydra apps: the scripts that train the shipped weights (minutes of CPU each); their
-# argument handling is run by tests/test_guidance_gradient.py (train_classifier) and
-# tests/test_domain_clip.py (train_clip)
-SCRIPTS = {"genlab.guidance.train_classifier", "genlab.metrics.train_clip"}
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+COMMAND = re.compile(r"\bpython3? -m genlab\b")
+HYDRA_APPS = {"genlab", "genlab.sample", "genlab.evaluate", "genlab.dashboard"}
+# The allow-list: modules whose commands are not run here, and why. Both are plain key=value
+# scripts, not Hydra apps (no --cfg job: any run trains for minutes). Their arguments are
+# still checked against the keys their docstring's usage line names.
+NOT_RUN = {
+    "genlab.guidance.train_classifier": "trains the shipped noise-aware classifier (14 min)",
+    "genlab.metrics.train_clip": "trains the shipped domain CLIP (3.5 min)",
+}
+# Hydra flags that make a command print instead of run: such commands run as written.
+PRINTING_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i"}
+SHELL_OPERATORS = {"&&", "||", ";"}
 
 
-def shell_lines(text: str) -> list[str]:
-    """Lines of fenced code blocks (continuations joined) and inline code spans."""
-    lines, fenced = [], re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.S)
-    for block in fenced:
-        lines += block.replace("\\\n", " ").splitlines()
-    outside = re.sub(r"```[^\n]*\n.*?```", "", text, flags=re.S)
-    lines += re.findall(r"`([^`\n]*python -m genlab[^`\n]*)`", outside)
-    return lines
+@dataclass
+class Command:
+    where: str  # page:line of its first occurrence
+    text: str  # as written (continuations joined)
+    also: list[str] = field(default_factory=list)  # other occurrences
 
 
-def placeholder(match: re.Match) -> str:
-    """<data dir> -> @data_dir@ (one shell word, whatever the placeholder holds)."""
-    return "@" + re.sub(r"\W+", "_", match.group(1)) + "@"
+# ------------------------------------------------------------------ reading the pages
+def snippets(page: Path) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """(line, text) of every code line and inline code span of a page that mentions
+    `python -m genlab`, and (line, text) of prose that mentions it outside code."""
+    code, prose, lines = [], [], page.read_text(encoding="utf-8").splitlines()
+    fence, paragraph, i = None, [], 0
 
-
-def commands() -> list[tuple[str, str, list[str]]]:
-    """(page, module, arguments) of every command, in page order, without duplicates."""
-    found, seen = [], set()
-    for page in PAGES:
-        for line in shell_lines(page.read_text()):
-            if "python -m genlab" not in line:
-                continue
-            named = re.sub(r"<([^<>\n]+)>", placeholder, line)
-            words = shlex.split(named[named.find("python -m genlab") :], comments=True)
-            module, args = words[2], words[3:]
-            key = (module, tuple(args))
-            if module.endswith("…") or module.endswith("...") or key in seen:
-                continue  # prose about "python -m genlab…" commands
-            seen.add(key)
-            found.append((page.relative_to(REPO).as_posix(), module, args))
-    return found
-
-
-COMMANDS = commands()
-
-
-def fill(args: list[str], tmp: Path) -> list[str]:
-    """Placeholders <...> become paths; flags (-m, --help, --cfg job) are left to the CLI."""
-    out = []
-    for arg in args:
-        arg = re.sub(r"@(\w+)@", lambda m: str(tmp / m.group(1)), arg)
-        if arg.startswith("-") or arg in ("job", "hydra", "all"):
-            continue
-        out.append(arg)
-    return out
-
-
-def first_job(overrides: list[str], sweep: bool = True) -> list[str]:
-    """A sweep's overrides with each comma list replaced by its first value (``sweep=False``:
-    a comma list is an error, as Hydra makes it without -m)."""
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    out = []
-    for text, o in zip(overrides, parsed):
-        if o.is_sweep_override():
-            assert sweep, f"{text!r} is a sweep without -m: quote the value"
-            text = f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
-        out.append(text)
-    return out
-
-
-def test_the_pages_have_commands():
-    modules = {m for _, m, _ in COMMANDS}
-    assert set(ROOT_CONFIG) <= modules, modules
-    assert modules <= set(ROOT_CONFIG) | SCRIPTS, modules - set(ROOT_CONFIG) - SCRIPTS
-    assert len(COMMANDS) > 40
-
-
-@pytest.mark.parametrize(
-    ("page", "module", "args"),
-    [c for c in COMMANDS if c[1] in ROOT_CONFIG],
-    ids=[f"{c[0]}:{' '.join([c[1], *c[2]])[:80]}" for c in COMMANDS if c[1] in ROOT_CONFIG],
-)
-def test_command_composes(page, module, args, tmp_path):
-    overrides = first_job(fill(args, tmp_path), sweep="-m" in args)
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(ROOT_CONFIG[module], overrides=overrides, return_hydra_config=True)
-    finally:
-        GlobalHydra.instance().clear()
-    if module == "genlab":  # training: the model it names builds (catches bad keywords)
-        try:
-            model = instantiate(cfg.model)
-        except Exception as err:  # a placeholder run directory is the user's to fill
-            if str(tmp_path) not in str(err):
-                raise
+    def flush():
+        if not paragraph:
             return
-        for name, value in vars(model).items():  # partials (sampler, optimizer) take their keys
-            if isinstance(value, functools.partial):
-                func = value.func
-                while isinstance(func, functools.partial):
-                    func = func.func
-                inspect.signature(func).bind_partial(*value.args, **value.keywords), name
+        start, text = paragraph[0][0], "\n".join(t for _, t in paragraph)
+        for span in re.finditer(r"(`+)(.+?)\1", text, flags=re.S):
+            inline = " ".join(span.group(2).split())
+            if COMMAND.search(inline):
+                code.append((start + text[: span.start()].count("\n"), inline))
+        outside = re.sub(r"(`+)(.+?)\1", "", text, flags=re.S)
+        if COMMAND.search(" ".join(outside.split())):
+            prose.append((start, " ".join(outside.split())))
+        paragraph.clear()
+
+    while i < len(lines):
+        line, number = lines[i], i + 1
+        marker = re.match(r"\s*(```+|~~~+)", line)
+        if fence is None and marker:
+            flush()
+            fence = marker.group(1)
+        elif fence is not None:
+            if line.strip().startswith(fence) and not line.strip()[len(fence) :].strip():
+                fence = None
+            else:
+                while line.rstrip().endswith("\\") and i + 1 < len(lines):
+                    i += 1
+                    line = line.rstrip()[:-1] + " " + lines[i].strip()
+                if COMMAND.search(line):
+                    code.append((number, line.strip()))
+        elif not line.strip():
+            flush()
+        else:
+            paragraph.append((number, line))
+        i += 1
+    flush()
+    return code, prose
 
 
-@pytest.mark.parametrize("module", sorted(ROOT_CONFIG))
-def test_cfg_job_and_help_work_for_every_command(module, tmp_path):
-    """The real CLI path: the first documented command of each module with --cfg job."""
-    _, _, args = next(c for c in COMMANDS if c[1] == module)
-    filled = [a for a in fill(args, tmp_path) if "=" in a]
-    proc = run_cli([*first_job(filled), "--cfg", "job"], cwd=tmp_path, module=module)
-    assert proc.stdout.strip(), proc.stderr
-    assert "Powered by Hydra" in run_cli(["--help"], cwd=tmp_path, module=module).stdout
+def documented_commands() -> tuple[list[Command], list[str]]:
+    """The commands, deduplicated by their text, and the prose mentions outside code."""
+    found: dict[str, Command] = {}
+    prose = []
+    for page in PAGES:
+        name = page.relative_to(REPO).as_posix()
+        code, outside = snippets(page)
+        prose += [f"{name}:{n}: {t}" for n, t in outside]
+        for number, text in code:
+            text = " ".join(text.split())
+            if text in found:
+                found[text].also.append(f"{name}:{number}")
+            else:
+                found[text] = Command(f"{name}:{number}", text)
+    return list(found.values()), prose
+
+
+COMMANDS, PROSE = documented_commands()
+
+
+# ------------------------------------------------------------------ the tiny run
+@pytest.fixture(scope="module")
+def places(tmp_path_factory) -> dict[str, str]:
+    """What each placeholder stands for, from a 2-step run on synthetic data."""
+    root = tmp_path_factory.mktemp("docs")
+    run = root / "runs" / "tiny_diffusion_synthetic"
+    tiny = [o for o in TINY if not o.startswith("metrics")]  # no evaluation: not needed here
+    overrides = [*tiny, "metrics=none", "model=diffusion", "trainer.max_steps=2"]
+    cfg = compose_cfg([*overrides, f"paths.cache_dir={root / 'cache'}"], run)
+    cfg.model.sampler.steps = 5
+    assert train(cfg)["status"] == "completed"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    images = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
+    torch.save({"images": images}, root / "images.pt")
+    np.savez(root / "images.npz", images.numpy())
+    (root / "data").mkdir()
+    runs = {"run", "any run", "diffusion run", "diffusion_cond run", "gan or vae run"}
+    return {
+        **{name: str(run) for name in runs | {"vqvae run"}},
+        "sweep": str(run.parent),  # a folder of runs, as a sweep is
+        "dir": str(run.parent),
+        "folder": str(run / "samples"),  # the run's PNG grids
+        "data dir": str(root / "data"),
+        "images.pt": str(root / "images.pt"),
+        "images.npz": str(root / "images.npz"),
+        "file.json": str(root / "out" / "result.json"),
+        "file.html": str(root / "out" / "dashboard.html"),
+        "file.pt": str(root / "out" / "classifier.pt"),
+        "path": str(root / "out" / "sample"),
+        "partition": "gpu",
+        "cwd": str(root),
+    }
+
+
+# ------------------------------------------------------------------ commands -> jobs
+def parse(text: str, places: dict[str, str]) -> tuple[str, list[list[str]]]:
+    """(module, [argv of each job]) of one documented command; raises ValueError for what
+    this test cannot run."""
+    unknown = sorted(set(re.findall(r"<([^<>]+)>", text)) - set(places))
+    if unknown:
+        raise ValueError(f"unknown placeholder(s) {unknown}: add them to places()")
+    filled = re.sub(r"<([^<>]+)>", lambda m: places[m.group(1)], text)
+    lexer = shlex.shlex(filled, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    words = list(lexer)
+    segments, current = [], []
+    for word in words:
+        if word in SHELL_OPERATORS:
+            segments.append(current)
+            current = []
+        elif set(word) <= set("();<>|&"):
+            raise ValueError(f"shell operator {word!r}: pipes and redirections are not run here")
+        else:
+            current.append(word)
+    segments.append(current)
+    ours = [s for s in segments if "genlab" in " ".join(s[:3])]
+    if len(ours) != 1:
+        raise ValueError("one `python -m genlab…` command per line")
+    words = ours[0]
+    while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+        words = words[1:]  # VAR=value before the command
+    if words[:2] not in (["python", "-m"], ["python3", "-m"]) or len(words) < 3:
+        raise ValueError(f"not a `python -m <module>` command: {words[:3]}")
+    module, args = words[2], words[3:]
+    if module in NOT_RUN:
+        return module, [args]
+    if module not in HYDRA_APPS:
+        raise ValueError(f"{module} is neither a Hydra app ({sorted(HYDRA_APPS)}) nor in NOT_RUN")
+    if PRINTING_FLAGS & set(args):
+        return module, [args]
+    sweep = bool({"-m", "--multirun"} & set(args))
+    args = [a for a in args if a not in ("-m", "--multirun")]
+    flags = [a for a in args if a.startswith("-") and not a.startswith("~")]
+    if flags:
+        raise ValueError(f"flag(s) {flags} are not handled here")
+    if not sweep:
+        return module, [[*args, "--cfg", "job"]]
+    choices = []
+    for text, o in zip(args, OverridesParser.create().parse_overrides(args)):
+        if o.is_sweep_override():
+            key = o.get_key_element()
+            choices.append([f"{key}={value}" for value in o.sweep_string_iterator()])
+        else:
+            choices.append([text])
+    return module, [[*job, "--cfg", "job"] for job in itertools.product(*choices)]
+
+
+RUNNER = r"""
+import importlib, json, os, runpy, signal, sys, traceback, warnings
+warnings.filterwarnings("ignore", message=".*found in sys.modules.*", category=RuntimeWarning)
+jobs, logs, out = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
+for module in sorted({m for m, _ in jobs}):
+    importlib.import_module(module + ".__main__" if module == "genlab" else module)
+codes = []
+for i, (module, args) in enumerate(jobs):
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        for fd, name in ((1, "out"), (2, "err")):
+            os.dup2(os.open(f"{logs}/{i}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        signal.alarm(120)
+        sys.argv, code = [module, *args], 0
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(code)
+    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+json.dump(codes, open(out, "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def outcomes(places, tmp_path_factory) -> dict[str, list[dict] | str]:
+    """For each documented command: its jobs' argv, exit code, stdout and stderr, or why it
+    cannot be run."""
+    work = tmp_path_factory.mktemp("jobs")
+    parsed, jobs = {}, []
+    for command in COMMANDS:
+        try:
+            module, argvs = parse(command.text, places)
+        except ValueError as err:
+            parsed[command.text] = str(err)
+            continue
+        parsed[command.text] = [{"module": module, "args": argv} for argv in argvs]
+        if module not in NOT_RUN:
+            jobs += [(module, argv) for argv in argvs]
+    unique = sorted(set((m, tuple(a)) for m, a in jobs))
+    (work / "jobs.json").write_text(json.dumps(unique))
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
+    subprocess.run(
+        [sys.executable, "-c", RUNNER, str(work / "jobs.json"), str(work), str(work / "rc")],
+        cwd=places["cwd"],
+        env=env,
+        check=True,
+        timeout=900,
+    )
+    codes = json.loads((work / "rc").read_text())
+    done = {
+        job: {
+            "rc": rc,
+            "out": (work / f"{i}.out").read_text(),
+            "err": (work / f"{i}.err").read_text(),
+        }
+        for i, (job, rc) in enumerate(zip(unique, codes))
+    }
+    for runs in parsed.values():
+        for job in runs if isinstance(runs, list) else []:
+            if job["module"] not in NOT_RUN:
+                job.update(done[(job["module"], tuple(job["args"]))])
+    return parsed
+
+
+# ------------------------------------------------------------------ checks
+def unknown_keywords(node, where: str = "model") -> list[str]:
+    """Keys of every `_target_` node (unresolved config) that its target does not take."""
+    problems = []
+    if isinstance(node, dict):
+        if "_target_" in node:
+            target = get_object(node["_target_"])
+            keys = {k: None for k in node if not str(k).startswith("_")}
+            try:
+                inspect.signature(target).bind_partial(**keys)
+            except TypeError as err:
+                problems.append(f"{where}: {node['_target_']}: {err}")
+        for key, value in node.items():
+            problems += unknown_keywords(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            problems += unknown_keywords(value, f"{where}[{i}]")
+    return problems
+
+
+def model_of(job: dict) -> dict | None:
+    """The model config the job would build (unresolved), from its printed --cfg job."""
+    if "--cfg" not in job["args"]:
+        return None
+    printed = OmegaConf.create(job["out"])
+    if job["module"] == "genlab":
+        return OmegaConf.to_container(printed.model)
+    if job["module"] == "genlab.sample" and not OmegaConf.is_missing(printed, "run_dir"):
+        # the run's model with the command's +model. changes
+        run_cfg = OmegaConf.load(Path(printed.run_dir) / ".hydra" / "config.yaml")
+        return OmegaConf.to_container(OmegaConf.merge(run_cfg.model, printed.get("model", {})))
+    return None
+
+
+def usage_keys(module: str) -> set[str]:
+    """The `key=` words of a script's module docstring (its usage line)."""
+    source = Path(importlib.util.find_spec(module).origin).read_text()
+    return set(re.findall(r"\b(\w+)=", ast.get_docstring(ast.parse(source)) or ""))
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[c.where for c in COMMANDS])
+def test_documented_command_runs(command, outcomes):
+    jobs = outcomes[command.text]
+    where = ", ".join([command.where, *command.also])
+    assert isinstance(jobs, list), f"{where}: cannot run {command.text!r}: {jobs}"
+    for job in jobs:
+        if job["module"] in NOT_RUN:  # key=value scripts: the keys it is given exist
+            words = job["args"]
+            assert all("=" in w for w in words), f"{where}: not key=value: {words}"
+            keys = {w.split("=", 1)[0] for w in words}
+            assert keys <= usage_keys(job["module"]), (where, keys - usage_keys(job["module"]))
+            continue
+        shown = f"python -m {job['module']} {shlex.join(job['args'])}"
+        assert job["rc"] == 0, f"{where}: exit {job['rc']}: {shown}\n{job['err'][-3000:]}"
+        model = model_of(job)
+        if model is not None:
+            assert not unknown_keywords(model), f"{where}: {shown}: {unknown_keywords(model)}"
+
+
+def test_the_pages_have_commands_and_none_outside_code():
+    modules = {re.search(r"python3? -m (\S+)", c.text).group(1) for c in COMMANDS}
+    assert HYDRA_APPS <= modules, HYDRA_APPS - modules
+    assert len(COMMANDS) > 40
+    assert not PROSE, "write commands as code (`...` or a code block):\n" + "\n".join(PROSE)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```[^\n]*\n(.*?)```", readme, flags=re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    assert "python -m pytest -q" in lines
+    assert "python -m pytest -q" in (REPO / ".ci" / "run").read_text()
