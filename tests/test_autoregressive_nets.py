@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genlab.metrics.likelihood import (
+from genlab.discrete import (
     discretized_logistic_nll,
     discretized_mix_logistic_channel_nll,
     discretized_mix_logistic_nll,

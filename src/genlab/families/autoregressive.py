@@ -25,14 +25,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from genlab.data.convert import from_levels
+from genlab.discrete import discretized_mix_logistic_nll, sample_mix_logistic
 from genlab.families.base import GenerativeModule
 from genlab.families.common import check_finite, class_marginal_nll
-from genlab.metrics.likelihood import (
-    categorical_bits_per_dim,
-    discretized_mix_logistic_nll,
-    nats_to_bits_per_dim,
-    sample_mix_logistic,
-)
+from genlab.metrics.likelihood import categorical_bits_per_dim, nats_to_bits_per_dim
 from genlab.nets.cached import cached_sampler, has_cached_sampler
 
 

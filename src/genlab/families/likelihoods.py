@@ -19,8 +19,12 @@ from __future__ import annotations
 import torch
 
 from genlab.data.convert import quantize
-from genlab.diffusion.process import discretized_gaussian_nll
-from genlab.metrics.likelihood import bernoulli_nll, discretized_logistic_nll, is_binary
+from genlab.discrete import (
+    bernoulli_nll,
+    discretized_gaussian_nll,
+    discretized_logistic_nll,
+    is_binary,
+)
 
 LIKELIHOODS = ("bernoulli", "gaussian", "logistic")
 MIN_LOG_SCALE = -7.0  # scales below ~1e-3 put all mass in one bin already (bins are 2/255 wide)
