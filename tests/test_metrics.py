@@ -19,6 +19,7 @@ from genlab.evaluate import load_images
 from genlab.evaluate import main as evaluate_main
 from genlab.metrics import Evaluator, WeightsNotFoundError
 from genlab.metrics import extractors as extractors_module
+from genlab.metrics import features as features_module
 from genlab.metrics.extractors import (
     build_extractor,
     inception_weights_path,
@@ -160,11 +161,11 @@ def test_self_fid_is_zero_and_the_reference_cache_is_hit(tmp_path, monkeypatch):
 
     second = Evaluator(**settings)  # a new process would do the same: load from disk
     calls = []
-    original = Evaluator.features
+    original = features_module.extract_features
     monkeypatch.setattr(
-        Evaluator,
-        "features",
-        lambda self, ext, x, **kw: calls.append(len(x)) or original(self, ext, x, **kw),
+        features_module,
+        "extract_features",
+        lambda ext, x, *args, **kw: calls.append(len(x)) or original(ext, x, *args, **kw),
     )
     result = second.evaluate_images(other, data)
     assert second.counters == {

@@ -1,13 +1,15 @@
 """Evaluating a model: sample it for the evaluation protocol and measure what it offers.
 
-``evaluate_model(evaluator, model, datamodule)`` draws ``num_samples`` images with a fixed
-seed and balanced labels (through the family contract only), times the sampling
-(``sample_img_per_s``, feature extraction excluded), counts network evaluations per image
-(``sample_nfe``, a forward hook on ``model.nfe_module()``), scores guided samples against the
-prompts they were steered toward, and computes bits/dim of the first ``bpd_images``
-validation images for ``Likelihood`` models. It returns ``(metrics, protocol)`` and keeps
-nothing between calls; what is worth keeping (extractors, reference statistics) lives in the
-``genlab.metrics.Evaluator`` the caller owns and passes in.
+``evaluate_model(evaluator, model, datamodule)`` asks the model only through the family
+contract (``genlab.families.contract``). It draws ``num_samples`` images with a fixed seed and
+labels balanced over the classes, times the sampling (``sample_img_per_s``, feature extraction
+excluded), counts network evaluations per image (``sample_nfe``, a forward hook on
+``model.nfe_module()``), scores samples guided toward text prompts against the prompt each was
+steered toward (``model.guidance.clip_targets``), and computes bits/dim of the first
+``bpd_images`` validation images for ``Likelihood`` models. It returns ``(metrics,
+protocol)`` and keeps nothing between calls: what is worth keeping (the built extractors and
+CLIP, the reference statistics) is the ``genlab.metrics.Evaluator`` the caller owns and passes
+in; the numbers themselves are computed by the metrics layer from the images.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ log = logging.getLogger("genlab")
 
 
 def sample_chunks(model, n: int, ev: Evaluator, stats: dict) -> Iterator[torch.Tensor]:
-    """uint8 chunks of n samples (seed ``ev.seed``, labels balanced over the classes); adds
-    the sampling seconds and the network evaluations per image to ``stats``."""
+    """uint8 chunks of n samples, ``ev.sample_batch_size`` per ``sample`` call (seed
+    ``ev.seed``, labels balanced over the classes); adds the sampling seconds and the network
+    evaluations per image to ``stats``."""
     generator = torch.Generator().manual_seed(ev.seed)
     labels = torch.arange(n) % model.num_classes if model.num_classes else None
     net = model.nfe_module()
@@ -71,32 +74,50 @@ def bits_per_dim(model, datamodule, ev: Evaluator) -> tuple[float, dict]:
     return value, protocol
 
 
+def guided_clip_protocol(guidance) -> dict:
+    """What the CLIP score of samples guided toward prompts used."""
+    return {
+        **guidance.clip_targets(0)[0].protocol(),
+        "prompts": "each sample's own guidance prompt (sampler.guidance.prompts)",
+        "scorer": "the guiding CLIP: guided samples score high on it by construction",
+    }
+
+
 def evaluate_model(
     ev: Evaluator, model, datamodule, n: int | None = None
 ) -> tuple[dict[str, float], dict]:
-    """``({"val/<name>": value}, protocol)`` of ``model`` under the protocol ``ev`` sets."""
+    """``({"val/<name>": value}, protocol)`` of ``model`` under the protocol ``ev`` sets, with
+    n samples (default ``ev.num_samples``) compared with ``datamodule``'s reference split."""
     n = int(n or ev.num_samples)
     device = model.device
     guidance = model.guidance  # guided toward prompts: scored against them
-    guided = guidance.clip_targets if guidance is not None and guidance.clip_targets(0) else None
-    wants_images = ev.prepare(datamodule.name, device, guided)
-    described = model.describe(ev.use_ema)
+    guided = guidance if guidance is not None and guidance.clip_targets(0) else None
+    scores = ev.image_metrics(datamodule.name, device, clip=guided is None)
+    not_computed = ev.unavailable(datamodule.name)
     metrics: dict[str, float] = {}
     protocol = ev.base_protocol(datamodule, n)
+    wants_images = bool(scores.stats) or scores.clip is not None or guided is not None
+    wants_images = wants_images or "cost" in ev.metrics
     if wants_images and not isinstance(model, Generative):  # e.g. a VQ-VAE without a prior
-        ev.not_computed["samples"] = (
+        not_computed["samples"] = (
             f"{type(model).__name__} cannot sample on its own (no prior): "
             "no sample-quality or sampling-cost metrics"
         )
-        wants_images = False
-    if wants_images:
+    elif wants_images:
         stats = {"sample_s": 0.0, "nfe": None}
-        metrics, protocol = ev.score(sample_chunks(model, n, ev, stats), datamodule, n, guided)
+        for images in sample_chunks(model, n, ev, stats):
+            targets = guided.clip_targets(len(images)) if guided is not None else None
+            scores.update(images, clip_targets=targets)
+        metrics, protocol = scores.compute(datamodule)
         if "cost" in ev.metrics:
             metrics["sample_img_per_s"] = n / max(stats["sample_s"], 1e-9)
             if stats["nfe"] is not None:
                 metrics["sample_nfe"] = stats["nfe"]
             protocol["cost"] = {"device": str(device), "batch": ev.sample_batch_size}
+    if guided is not None:
+        not_computed.pop("clip", None)
+        protocol["clip"] = guided_clip_protocol(guided)
+    described = model.describe(ev.use_ema)
     protocol.update(
         sampler=described["sampler"],
         weights=described["weights"],
@@ -104,5 +125,8 @@ def evaluate_model(
     )
     if "bpd" in ev.metrics and isinstance(model, Likelihood):
         metrics["bpd"], protocol["bpd"] = bits_per_dim(model, datamodule, ev)
-    protocol = ev.finish(protocol, guided)
+    protocol["not_computed"] = not_computed
     return {f"val/{k}": v for k, v in metrics.items()}, protocol
+
+
+__all__ = ["bits_per_dim", "evaluate_model", "sample_chunks"]

@@ -1,4 +1,5 @@
-"""Periodic and final evaluation with the protocol of ``genlab.metrics.Evaluator``.
+"""Periodic and final evaluation: ``genlab.evaluation.evaluate_model`` with the callback's
+``genlab.metrics.Evaluator`` (built once; it keeps the extractors and reference statistics).
 
 Every ``every_n_steps`` training steps and at the end of training, on rank 0, the callback
 evaluates the family (FID / KID / IS / precision-recall through torch-fidelity, bits/dim,
