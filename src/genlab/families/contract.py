@@ -101,23 +101,7 @@ class Reconstructing(Protocol):
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
-CAPABILITIES = {
-    "generative": Generative,
-    "likelihood": Likelihood,
-    "denoising": Denoising,
-    "latent": Latent,
-    "encoding": Encoding,
-    "reconstructing": Reconstructing,
-}
-
-
-def capabilities(model) -> list[str]:
-    """The names of the capabilities ``model`` has, in the order above."""
-    return [name for name, proto in CAPABILITIES.items() if isinstance(model, proto)]
-
-
 __all__ = [
-    "CAPABILITIES",
     "Denoiser",
     "Denoising",
     "Encoding",
@@ -125,5 +109,4 @@ __all__ = [
     "Latent",
     "Likelihood",
     "Reconstructing",
-    "capabilities",
 ]
