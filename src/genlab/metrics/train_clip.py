@@ -26,10 +26,11 @@ from pathlib import Path
 import open_clip
 import torch
 from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
 from genlab.data import MNISTDataModule, to_model
+from genlab.fit_loop import fit, random_batches
 from genlab.metrics.train_digits import random_shift
+from genlab.runs import atomic_file, atomic_write_text
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TRAIN_TEMPLATES = [
@@ -121,32 +122,33 @@ def train(images, labels, epochs: int, batch_size: int = 256, lr: float = 1e-3, 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps))
     )
-    model.train()
-    for _ in tqdm(range(steps), desc="clip"):
-        idx = torch.randint(0, len(images), (batch_size,), generator=g)
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
         x = random_shift(images[idx], 2, g)
         which = torch.randint(0, len(TRAIN_TEMPLATES), (batch_size,), generator=g)
-        text = tokens[labels[idx], which]
-        img_f, txt_f, scale = model(as_rgb(x), text)[:3]
-        loss = loss_fn(img_f, txt_f, scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+        img_f, txt_f, scale = model(as_rgb(x), tokens[labels[idx], which])[:3]
+        return loss_fn(img_f, txt_f, scale)
+
+    @torch.no_grad()
+    def clamp_scale() -> None:
+        model.logit_scale.clamp_(0, math.log(100))
+
+    model.train()
+    batches = random_batches(len(images), batch_size, steps, g)
+    fit(loss_of, batches, opt, sched, steps=steps, desc="clip", after_step=clamp_scale)
     return model.eval(), tokenizer, steps
 
 
 def save(model, out: Path, results: dict) -> Path:
-    from safetensors.torch import save_file
+    """Each file of the folder appears complete or not at all (weights first, results last)."""
+    from safetensors.torch import save
 
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"model_cfg": MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}
-    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "open_clip_model.safetensors"))
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    with atomic_file(out / "open_clip_model.safetensors") as f:
+        f.write(save(state))
+    config = {"model_cfg": MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}
+    atomic_write_text(out / "open_clip_config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     return out
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
 from genlab.data import MNISTDataModule, to_model
+from genlab.fit_loop import epoch_batches, fit, steps_per_epoch
 from genlab.metrics.digits import WEIGHTS, DigitNet
+from genlab.runs import atomic_torch_save
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -52,24 +53,17 @@ def train(data_dir: str, epochs: int = 3, batch_size: int = 128, lr: float = 2e-
     test_x, test_y = dm.load_split("val").tensors
     net = DigitNet()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * (len(train_x) // batch_size)
+    steps = epochs * steps_per_epoch(len(train_x), batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     start = time.time()
-    bar = tqdm(total=steps, desc="digits")
-    for _ in range(epochs):
-        net.train()
-        perm = torch.randperm(len(train_x), generator=g)
-        for i in range(len(train_x) // batch_size):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            x = random_shift(to_model(train_x[idx]), 2, g)
-            loss = F.cross_entropy(net(x), train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        x = random_shift(to_model(train_x[idx]), 2, g)
+        return F.cross_entropy(net(x), train_y[idx])
+
+    net.train()
+    batches = epoch_batches(len(train_x), batch_size, epochs, g)
+    fit(loss_of, batches, opt, sched, steps=steps, desc="digits")
     acc = accuracy(net, test_x, test_y)
     buffer = io.BytesIO()
     torch.save(net.state_dict(), buffer)
@@ -87,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     blob = train(str(args.get("data_dir", "data")), int(args.get("epochs", 3)))
     out_path = Path(args.get("out") or WEIGHTS)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(blob, out_path)
+    atomic_torch_save(blob, out_path)
     print(f"test accuracy {blob['test_accuracy']:.4f}; wrote {out_path}")
     return blob
 
