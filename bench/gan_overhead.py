@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from genlab.data import to_model
 from genlab.data.datamodules import ImageDataModule
 from genlab.utils import CONF_DIR
 
@@ -91,7 +92,7 @@ def run_plain(images: torch.Tensor, steps: int, warmup: int) -> float:
     step, t0 = 0, None
     while step < steps:
         for batch in loader:
-            real = batch.float() / 127.5 - 1
+            real = to_model(batch)
             z = torch.randn(BATCH, g.z_dim)
             with torch.no_grad():
                 fake = g(z)

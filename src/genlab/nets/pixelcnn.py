@@ -8,7 +8,7 @@ predicted (R, then G given R, then B given R and G):
 - ``output == "categorical"`` (PixelCNN, GatedPixelCNN, and PixelRNN in ``pixelrnn.py``):
   logits (B, 256, C, H, W) of a 256-way softmax per channel value;
 - ``output == "logistic_mixture"`` (PixelCNNPlusPlus): the parameters (B, P, H, W) of a
-  discretised mixture of logistics, read by ``genlab.metrics.likelihood``.
+  discretised mixture of logistics, read by ``genlab.discrete``.
 
 Causality is exact (gradients of outputs for pixel i with respect to later inputs are zero),
 which ``tests/test_autoregressive_nets.py`` checks for every net.
@@ -349,7 +349,7 @@ class PixelCNNPlusPlus(nn.Module):
 
     x (B, C, H, W) in [-1, 1], y (B,) labels -> parameters (B, P, H, W), P =
     ``mix_logistic_num_params(C, num_mixtures)`` (10 * num_mixtures for RGB), read by
-    ``genlab.metrics.likelihood.discretized_mix_logistic_nll``. Pixel i's parameters depend on
+    ``genlab.discrete.discretized_mix_logistic_nll``. Pixel i's parameters depend on
     pixels before i only; the RGB dependence inside a pixel is the likelihood's linear term.
     Odd sizes work (28 -> 14 -> 7); class conditioning is a per-class bias in every resnet.
     """
