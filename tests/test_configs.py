@@ -46,7 +46,8 @@ def test_model_options_instantiate_on_every_geometry(model, data, tmp_path):
     y = torch.zeros(2, dtype=torch.long) if module.num_classes else None
     checked = []
     if isinstance(module, Denoising):  # one denoiser call
-        assert module.denoiser(y)(x, torch.zeros(2, dtype=torch.long)).shape == x.shape
+        sigma = torch.full((2,), module.frame.sigma_max, dtype=torch.float64)
+        assert module.denoiser(y)(x, sigma).shape == x.shape
         checked.append("denoising")
     if isinstance(module, Latent):  # one decoder / generator pass
         assert module.generate(module.latents(2), y).shape == x.shape

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from genlab.diffusion import CosineSchedule, LinearSchedule, ddim, ddpm, process
-from genlab.diffusion.samplers import timestep_grid
+from genlab.diffusion import CosineSchedule, LinearSchedule, VPFrame, ddim, ddpm, process
 
 
 @pytest.mark.parametrize(
@@ -56,50 +55,53 @@ def test_parameterisations_round_trip(prediction):
     )
 
 
-def test_timestep_grid():
-    assert timestep_grid(1000, 1000) == list(range(999, -1, -1))
-    grid = timestep_grid(1000, 10)
-    assert grid[0] == 999 and grid[-1] == 0 and len(set(grid)) == 10
-    with pytest.raises(ValueError):
-        timestep_grid(10, 11)
+def test_time_spacing_is_the_respaced_ddim_grid():
+    """spacing=time of a discrete schedule: the trained timesteps T-1 .. 0, evenly, then
+    sigma = 0 (alpha-bar 1), whose sigmas are exactly the table's."""
+    frame = VPFrame(LinearSchedule(1000))
+    full = frame.sigmas(1000, "time")
+    torch.testing.assert_close(full[:-1], frame.table.flip(0))
+    grid = frame.timestep(frame.sigmas(10, "time")[:-1])
+    assert grid[0] == 999 and grid[-1] == 0 and len(set(grid.tolist())) == 10
+    assert torch.equal(grid, grid.round())  # trained sigmas map back to integer timesteps
+    with pytest.raises(ValueError, match="steps in"):
+        VPFrame(LinearSchedule(50)).sigmas(51, "time")
 
 
 @pytest.mark.parametrize("steps", [1000, 50, 5])
 def test_ddim_eta0_with_oracle_denoiser_recovers_data_exactly(steps):
-    s = LinearSchedule(1000)
+    frame = VPFrame(LinearSchedule(1000))
     g = torch.Generator().manual_seed(1)
     x0 = (torch.randint(0, 256, (4, 1, 8, 8), generator=g).float() / 127.5 - 1).double()
-    x_T = process.q_sample(
-        s, x0, torch.full((4,), 999), torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
-    )
-    oracle = lambda x_t, t: x0  # noqa: E731 - knows the data
-    out = ddim(oracle, x_T, s, steps=steps, eta=0.0)
+    noise = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    oracle = lambda x, sigma: x0  # noqa: E731 - knows the data
+    out = ddim(oracle, noise, frame, steps=steps, eta=0.0)
     torch.testing.assert_close(out, x0, atol=1e-9, rtol=0)
 
 
-def _gaussian_oracle(s, mu, var):
-    """Exact E[x0 | x_t] when x0 ~ N(mu, var) elementwise."""
+def _gaussian_oracle(mu, var):
+    """Exact E[x0 | x] in the sigma frame when x0 ~ N(mu, var) elementwise."""
 
-    def denoise(x_t, t):
-        a = s.alpha_bar(t).to(x_t.dtype).view(-1, 1, 1, 1)
-        return mu + var * a.sqrt() * (x_t - a.sqrt() * mu) / (a * var + 1 - a)
+    def denoise(x, sigma):
+        s2 = (sigma**2).to(x.dtype).view(-1, 1, 1, 1)
+        return mu + var / (var + s2) * (x - mu)
 
     return denoise
 
 
-# Ancestral samplers plug E[x0 | x_t] into q(x_s | x_t, x0) and so drop Var[x0 | x_t]: exact
+# Ancestral samplers plug E[x0 | x] into q(x_s | x_t, x0) and so drop Var[x0 | x]: exact
 # only as steps get small, hence the full chain for them; DDIM (eta=0) is exact on fewer.
 @pytest.mark.parametrize(
     "sampler,opts,steps",
     [(ddim, {"eta": 0.0}, 200), (ddim, {"eta": 1.0}, 1000), (ddpm, {"variance": "small"}, 1000)],
 )
 def test_samplers_with_exact_denoiser_reach_the_data_distribution(sampler, opts, steps):
-    s = LinearSchedule(1000)
+    frame = VPFrame(LinearSchedule(1000))
     mu, var = 0.3, 0.04
     g = torch.Generator().manual_seed(2)
-    x_T = torch.randn(4000, 1, 2, 2, generator=g, dtype=torch.float64)
+    noise = torch.randn(4000, 1, 2, 2, generator=g, dtype=torch.float64)
     out = sampler(
-        _gaussian_oracle(s, mu, var), x_T, s, steps=steps, generator=g, clip_x0=False, **opts
+        _gaussian_oracle(mu, var), noise, frame, steps=steps, generator=g, clip_x0=False, **opts
     )
     assert out.mean().item() == pytest.approx(mu, abs=0.01)
     assert out.var().item() == pytest.approx(var, rel=0.1)

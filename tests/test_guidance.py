@@ -34,7 +34,7 @@ def conditional_diffusion(tmp_path):
 def test_cfg_scale_0_is_unconditional_and_1_conditional(tmp_path):
     model = conditional_diffusion(tmp_path)
     x = torch.randn(4, *model.image_shape)
-    t = torch.tensor([10, 200, 500, 900])
+    t = model.frame.sigma_at(torch.tensor([10, 200, 500, 900]))  # noise levels (sigma frame)
     y = torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
         cond = model.denoiser(y, use_ema=False)(x, t)

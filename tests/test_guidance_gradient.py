@@ -52,14 +52,16 @@ def passthrough_diffusion(tmp_path):
 
 
 def last_step(model, x_t, t, guidance=None):
-    """The sampler's last step from timestep t: DDIM and DDPM both return the (clamped)
+    """The sampler's last step from the VP image x_t at timestep t: DDIM and DDPM both return the (clamped)
     denoiser's x0 there, guided or not."""
     denoise = model.denoiser(None, use_ema=False)
     if guidance is not None:
         denoise = guidance.wrap_denoiser(model, denoise, None, index=slice(0, len(x_t)),
                                          n=len(x_t))  # fmt: skip
+    sigma = model.frame.sigma_at(torch.full((len(x_t),), t))
+    x = x_t * (1 + sigma**2).sqrt().float().view(-1, 1, 1, 1)  # the same image in the sigma frame
     with torch.no_grad():
-        return denoise(x_t, torch.full((len(x_t),), t)).clamp(-1, 1)
+        return denoise(x, sigma).clamp(-1, 1)
 
 
 @needs_mnist

@@ -51,13 +51,19 @@ def predict_x0(
     prediction: str, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:
     """Turn a network output in the given parameterisation into x0_hat."""
-    a = schedule.alpha_bar(t)
-    sa, s1a = _bcast(a.sqrt(), x_t), _bcast((1 - a).sqrt(), x_t)
+    return x0_from_output(prediction, x_t, schedule.alpha_bar(t), out)
+
+
+def x0_from_output(
+    prediction: str, x_t: torch.Tensor, alpha_bar: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """``predict_x0`` at any alpha-bar (B,) (a continuous time between trained timesteps)."""
+    sa, s1a = _bcast(alpha_bar.sqrt(), x_t), _bcast((1 - alpha_bar).sqrt(), x_t)
     if prediction == "eps":
         return (x_t - s1a * out) / sa
     if prediction == "x0":
         return out
-    if prediction == "v":  # x0 = sqrt(a) x_t - sqrt(1-a) v
+    if prediction == "v":
         return sa * x_t - s1a * out
     raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
 

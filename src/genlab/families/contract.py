@@ -16,7 +16,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-# denoise(x_t, t) -> x0_hat: noisy images and timesteps (B,) to the predicted clean image
+# denoise(x, sigma) -> x0_hat: noisy images x = x0 + sigma eps (B, C, H, W) and their noise
+# levels sigma (B,) (float64) to the predicted clean image (genlab.diffusion.frame)
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -59,12 +60,14 @@ class Likelihood(Protocol):
 
 @runtime_checkable
 class Denoising(Protocol):
-    """A denoiser in the shared noise frame and its noise process: ``denoiser(y, use_ema)``
-    returns ``denoise(x_t, t) -> x0_hat`` (what every sampler calls and guidance wraps), and
-    ``schedule`` is the noise process (``genlab.diffusion.schedules.NoiseSchedule``:
-    x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps)."""
+    """A denoiser in the shared sigma frame and its noise process: ``denoiser(y, use_ema)``
+    returns ``denoise(x, sigma) -> x0_hat`` (what every sampler calls and guidance wraps), and
+    ``frame`` (a ``genlab.diffusion.frame.NoiseFrame``) maps the family's own noise process
+    into that frame: its sigma range, input scaling and step spacings. ``cond_drop_prob`` is
+    the label dropout of training (> 0: classifier-free guidance works)."""
 
-    schedule: object
+    frame: object
+    cond_drop_prob: float
 
     def denoiser(self, y: torch.Tensor | None = None, use_ema: bool = True) -> Denoiser: ...
 

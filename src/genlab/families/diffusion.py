@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genlab.diffusion import process
+from genlab.diffusion.frame import VPFrame
 from genlab.diffusion.samplers import ddim
 from genlab.diffusion.schedules import LinearSchedule, NoiseSchedule
 from genlab.families.base import GenerativeModule
@@ -46,7 +47,13 @@ class DiffusionModule(GenerativeModule):
         ema_decay: decay of the EMA copy used for sampling and evaluation (0 disables EMA).
         num_classes: > 0 for class-conditional training (labels from the batch).
         cond_drop_prob: probability of replacing a label by the "no class" token in training.
-        sampler: partial sampler ``sampler(denoise, x_T, schedule, *, steps, generator)``.
+        sampler: partial sampler ``sampler(denoise, noise, frame, *, steps, generator)`` of
+            ``genlab.diffusion.samplers`` (any of them: the model's denoiser is in the shared
+            sigma frame through ``VPFrame``).
+        loss_weighting: ``none`` (the simple loss in the chosen parameterisation) or
+            ``min_snr`` (Hang et al. 2023: the x0-space weight min(SNR, gamma), expressed in
+            the chosen parameterisation).
+        min_snr_gamma: gamma of ``min_snr`` (5 in the paper).
         variance: reverse-process variance for the bound and DDPM sampling: small or large.
         bpd_timesteps: timesteps used to estimate bits/dim (T for the exact sum).
         sample_batch_size: largest batch the sampler runs at once.
@@ -67,6 +74,8 @@ class DiffusionModule(GenerativeModule):
         variance: str = "small",
         bpd_timesteps: int = 100,
         sample_batch_size: int = 256,
+        loss_weighting: str = "none",
+        min_snr_gamma: float = 5.0,
     ):
         super().__init__(
             optimizer or (lambda params: torch.optim.AdamW(params, lr=2e-4)), lr_scheduler
@@ -76,6 +85,10 @@ class DiffusionModule(GenerativeModule):
         self.net = net
         self.image_shape = tuple(int(s) for s in image_shape)
         self.schedule = schedule or LinearSchedule()
+        self.frame = VPFrame(self.schedule)
+        if loss_weighting not in ("none", "min_snr"):
+            raise ValueError(f"loss_weighting must be 'none' or 'min_snr', got {loss_weighting!r}")
+        self.loss_weighting, self.min_snr_gamma = loss_weighting, float(min_snr_gamma)
         self.prediction = prediction
         self.ema = EMA(net, ema_decay) if ema_decay > 0 else None
         self.num_classes = int(num_classes)
@@ -104,7 +117,19 @@ class DiffusionModule(GenerativeModule):
         x_t = process.q_sample(self.schedule, x0, t, noise)
         target = process.training_target(self.prediction, self.schedule, x0, t, noise)
         out = self.net(x_t, t, y)
-        return F.mse_loss(out, target, reduction="none").flatten(1).mean(1)
+        loss = F.mse_loss(out, target, reduction="none").flatten(1).mean(1)
+        return loss * self.loss_weight(t).to(loss.dtype)
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) per-timestep loss weights. min-SNR-gamma (Hang et al. 2023, Eq. 10): the
+        x0-space weight min(SNR, gamma) divided by what the parameterisation's MSE already
+        weighs x0 by: SNR for eps, 1 for x0, SNR + 1 for v."""
+        if self.loss_weighting == "none":
+            return torch.ones(t.shape, device=t.device)
+        snr = self.schedule.log_snr(t).exp()
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        per = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}[self.prediction]
+        return (clipped / per).float()
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -138,31 +163,36 @@ class DiffusionModule(GenerativeModule):
         return self.net
 
     def sampling_protocol(self) -> dict:
-        return sampler_protocol(self.sampler)
+        return {**sampler_protocol(self.sampler), **self.frame.describe()}
 
     def denoiser(self, y: torch.Tensor | None = None, use_ema: bool = True) -> Denoiser:
-        """``denoise(x_t, t) -> x0_hat`` for the samplers and for guidance to wrap. With
-        ``use_ema`` the network runs with the EMA weights swapped in for each call."""
+        """``denoise(x, sigma) -> x0_hat`` in the sigma frame (x = x0 + sigma eps), for every
+        sampler and for guidance to wrap: the network sees x_t = x / sqrt(1 + sigma^2) at the
+        timestep whose sigma that is (fractional between trained ones). With ``use_ema`` the
+        network runs with the EMA weights swapped in for each call."""
 
-        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            labels = None if y is None else y[: x_t.shape[0]]
+        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            labels = None if y is None else y[: x.shape[0]]
+            x_t = self.frame.to_model(x, sigma)
+            t = self.frame.timestep(sigma)
             with self.ema_weights(use_ema):
-                out = self.net(x_t, t, labels)
-            return process.predict_x0(self.prediction, self.schedule, x_t, t, out)
+                out = self.net(x_t, t.to(x.dtype), labels)
+            a = self.frame.alpha_bar(sigma)
+            return process.x0_from_output(self.prediction, x_t, a, out)
 
         return denoise
 
     def draw(self, m, y, generator, *, noise, index, n, progress, steps=None):
-        """One chunk: x_T ~ N(0, I) from ``generator``, then the sampler on the (guided)
-        denoiser; ``steps`` overrides the sampler's step count."""
-        x_T = torch.randn((m, *self.image_shape), generator=generator).to(self.device)
+        """One chunk: unit noise from ``generator`` (the sampler scales it to the prior), then
+        the sampler on the (guided) denoiser; ``steps`` overrides the sampler's step count."""
+        noise = torch.randn((m, *self.image_shape), generator=generator).to(self.device)
         opts = {"generator": generator, "progress": progress}
         if steps is not None:
             opts["steps"] = steps
         denoise = self.denoiser(y, use_ema=False)  # sample() has swapped the EMA weights in
         if self.guidance is not None:
             denoise = self.guidance.wrap_denoiser(self, denoise, y, index=index, n=n)
-        return self.sampler(denoise, x_T, self.schedule, **opts)
+        return self.sampler(denoise, noise, self.frame, **opts)
 
     def bpd_protocol(self) -> dict:
         """How ``bits_per_dim`` estimates the bound (recorded with every val/bpd)."""
@@ -196,7 +226,12 @@ class DiffusionModule(GenerativeModule):
         """
         T = self.schedule.num_timesteps
         k = min(int(timesteps or self.bpd_timesteps), T)
-        denoise = self.denoiser(None if y is None else y.to(self.device), use_ema=False)
+        labels = None if y is None else y.to(self.device)
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = self.net(x_t, t, None if labels is None else labels[: x_t.shape[0]])
+            return process.predict_x0(self.prediction, self.schedule, x_t, t, out)
+
         with self.evaluating(), self.ema_weights(use_ema):
             total = self._bound(x, denoise, T, k, generator)
         return total / (math.prod(x.shape[1:]) * math.log(2.0))

@@ -44,9 +44,9 @@ class ClassifierFree(Guidance):
             return uncond
         scale = self.scale
 
-        def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            free = uncond(x_t, t)
-            return free + scale * (denoise(x_t, t) - free)
+        def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            free = uncond(x, sigma)
+            return free + scale * (denoise(x, sigma) - free)
 
         return guided
 

@@ -158,10 +158,14 @@ class ClassifierGuidance(GradientGuidance):
     def batch_targets(self, n: int, index: slice, y: torch.Tensor | None) -> list[int]:
         return y.tolist() if y is not None else self.targets_for(n)[index]
 
-    def objective(self, x_t, t, x0, targets, schedule) -> torch.Tensor:
-        logits = self.net(x_t.to(next(self.net.parameters()).device), schedule.log_snr(t))
+    def objective(self, x, sigma, x0, targets) -> torch.Tensor:
+        """log p(y | x_t) of the classifier, which reads the variance-preserving image
+        x_t = x / sqrt(1 + sigma^2) and log-SNR = -2 log sigma (the same for every family)."""
+        device = next(self.net.parameters()).device
+        x_t = x / (1 + sigma**2).sqrt().to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        logits = self.net(x_t.to(device), (-2 * sigma.log()).float().to(device))
         target = torch.as_tensor(targets, device=logits.device)
-        return logits.log_softmax(1).gather(1, target[:, None])[:, 0].to(x_t.device)
+        return logits.log_softmax(1).gather(1, target[:, None])[:, 0].to(x.device)
 
     def protocol(self) -> dict:
         return {

@@ -6,7 +6,7 @@ bound to (``bind``), from the capabilities the model has:
 
 - ``ClipGradient`` (``Denoising`` models): at every sampler step, the gradient with respect
   to the noisy image x_t of the CLIP cosine between the prompt and the predicted clean image
-  x0(x_t), averaged over random cutouts (crops resized back, so CLIP sees the digit at
+  x0(x), averaged over random cutouts (crops resized back, so CLIP sees the digit at
   several scales and positions and the gradient does not chase one view), minus optional
   total-variation and range penalties. It enters the denoiser as gradient guidance does
   (``genlab.guidance.GradientGuidance``): x0' = x0 + scale (1 - a_t)/sqrt(a_t) grad.
@@ -208,7 +208,7 @@ class _ClipMethod(Guidance):
 
 class ClipGradient(GradientGuidance, _ClipMethod):
     """Every sampler step follows the gradient of the CLIP objective of the predicted clean
-    image x0(x_t) with respect to x_t (``GradientGuidance``); for ``Denoising`` models."""
+    image x0(x) with respect to the noisy image x (``GradientGuidance``); for ``Denoising`` models."""
 
     name, method = "clip", "gradient"
 
@@ -226,8 +226,9 @@ class ClipGradient(GradientGuidance, _ClipMethod):
     def targets_for(self, n: int) -> list[str]:
         return self.prompts_for(n)
 
-    def objective(self, x_t, t, x0, targets, schedule) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.clip_objective.seed + int(t.flatten()[0]))
+    def objective(self, x, sigma, x0, targets) -> torch.Tensor:
+        level = int(torch.round(1000 * sigma.flatten()[0].double().log()))  # cutouts per step
+        generator = torch.Generator().manual_seed(self.clip_objective.seed + level)
         return self.clip_objective.value(x0, self.clip_objective.text(targets), generator)[0]
 
     def settings(self) -> dict:

@@ -1,9 +1,12 @@
-"""Gradient guidance of a diffusion model: the gradient of a per-image objective (a
+"""Gradient guidance of a denoising model: the gradient of a per-image objective (a
 log-probability of the target, up to scale) with respect to the noisy image steers every step.
 
-eps' = eps - scale sqrt(1 - a_t) grad (Dhariwal & Nichol 2021, Algorithm 2 in its DDIM form),
-which in the x0 space every genlab sampler works in is x0' = x0 + scale (1 - a_t)/sqrt(a_t)
-grad. It therefore works with DDPM, DDIM and any sampler that calls the denoiser.
+In the sigma frame (x = x0 + sigma eps) Tweedie's formula D(x) = x + sigma^2 grad log p(x)
+makes the guided denoiser D'(x) = D(x) + scale sigma^2 grad_x log p(y | x). In a VP model's
+own frame (x_t = x / sqrt(1 + sigma^2), a_t = 1 / (1 + sigma^2)) that is x0' = x0 + scale
+(1 - a_t) / sqrt(a_t) grad_{x_t}, i.e. eps' = eps - scale sqrt(1 - a_t) grad_{x_t}
+(Dhariwal & Nichol 2021, Algorithm 2 in its DDIM form). It therefore works with every
+sampler and every denoising family (DDPM, EDM, flow).
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ from genlab.guidance.base import Guidance, GuidanceError
 
 
 class GradientGuidance(Guidance):
-    """Subclasses define ``objective(x_t, t, x0, targets, schedule) -> (B,)`` and
-    ``targets_for(n)`` (the target of each of the n images one ``sample`` call draws). With
-    ``through_denoiser`` the objective sees x0 = denoise(x_t, t) with its graph, so the
+    """Subclasses define ``objective(x, sigma, x0, targets) -> (B,)`` (x in the sigma frame)
+    and ``targets_for(n)`` (the target of each of the n images one ``sample`` call draws).
+    With ``through_denoiser`` the objective sees x0 = denoise(x, sigma) with its graph, so the
     gradient flows back through the network (CLIP on the predicted clean image); otherwise x0
-    is computed without one (a noise-aware classifier reads x_t itself)."""
+    is computed without one (a noise-aware classifier reads the noisy image itself)."""
 
     name = "gradient"
     through_denoiser = True
@@ -42,8 +45,8 @@ class GradientGuidance(Guidance):
         """The targets of the images ``index`` of n (``y``: this batch's labels, if any)."""
         return self.targets_for(n)[index]
 
-    def objective(self, x_t, t, x0, targets: list, schedule) -> torch.Tensor:
-        """(B,) the objective whose gradient with respect to ``x_t`` steers the step."""
+    def objective(self, x, sigma, x0, targets: list) -> torch.Tensor:
+        """(B,) the objective whose gradient with respect to ``x`` steers the step."""
         raise NotImplementedError
 
     def wrap_denoiser(
@@ -52,24 +55,23 @@ class GradientGuidance(Guidance):
         """The guided denoiser for the images ``index`` of a request for ``n``."""
         if self.scale == 0.0:
             return denoise
-        schedule = model.schedule
         state = {"targets": None}
 
-        def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def guided(x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             if state["targets"] is None:  # the batch size is known at the first call
-                total = n if n is not None else x_t.shape[0]
-                part = index if index is not None else slice(0, x_t.shape[0])
+                total = n if n is not None else x_in.shape[0]
+                part = index if index is not None else slice(0, x_in.shape[0])
                 state["targets"] = self.batch_targets(total, part, y)
             with torch.enable_grad():
-                x = x_t.detach().requires_grad_(True)
+                x = x_in.detach().requires_grad_(True)
                 if self.through_denoiser:
-                    x0 = denoise(x, t)
+                    x0 = denoise(x, sigma)
                 else:
                     with torch.no_grad():
-                        x0 = denoise(x_t, t)
-                value = self.objective(x, t, x0, state["targets"], schedule)
+                        x0 = denoise(x_in, sigma)
+                value = self.objective(x, sigma, x0, state["targets"])
                 (grad,) = torch.autograd.grad(value.sum(), x)
-            ab = schedule.alpha_bar(t).to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
-            return x0.detach() + self.scale * (1 - ab) / ab.sqrt() * grad
+            var = (sigma**2).to(x_in.dtype).view(-1, *([1] * (x_in.ndim - 1)))
+            return x0.detach() + self.scale * var * grad
 
         return guided
