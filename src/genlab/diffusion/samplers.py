@@ -27,7 +27,20 @@ from genlab.diffusion.frame import NoiseFrame
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["Denoiser", "ddim", "ddpm", "dpmpp_2m", "euler", "heun", "midpoint", "unipc"]
+__all__ = ["Denoiser", "ddim", "ddpm", "dpmpp_2m", "euler", "heun", "midpoint", "steps_for_nfe",
+           "unipc"]  # fmt: skip
+
+TWO_EVALUATIONS_PER_STEP = ("heun", "midpoint")
+
+
+def steps_for_nfe(sampler: Callable, nfe: int) -> int:
+    """The ``steps`` that give a sampler (a function here, or a partial of one) about ``nfe``
+    network evaluations: nfe for the one-evaluation solvers, (nfe + 1) // 2 for heun and
+    midpoint (2 steps - 1 evaluations)."""
+    while hasattr(sampler, "func"):  # functools.partial, possibly nested
+        sampler = sampler.func
+    name = getattr(sampler, "__name__", "")
+    return max(1, (int(nfe) + 1) // 2) if name in TWO_EVALUATIONS_PER_STEP else max(1, int(nfe))
 
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
