@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -20,21 +19,13 @@ from genlab.diffusion import process
 from genlab.diffusion.frame import VPFrame
 from genlab.diffusion.samplers import ddim
 from genlab.diffusion.schedules import LinearSchedule, NoiseSchedule
-from genlab.families.base import GenerativeModule
-from genlab.families.common import check_finite
 from genlab.families.contract import Denoiser
-from genlab.nets.ema import EMA
+from genlab.families.denoising import DenoisingModule
+
+__all__ = ["DiffusionModule"]
 
 
-def sampler_protocol(sampler: Callable) -> dict:
-    """A sampler's name and settings: a partial's function name and its keywords."""
-    if isinstance(sampler, partial):  # Hydra's partials may wrap a partial: the innermost name
-        keywords = {k: v for k, v in sampler.keywords.items() if isinstance(v, int | float | str)}
-        return {**sampler_protocol(sampler.func), **keywords}
-    return {"name": getattr(sampler, "__name__", type(sampler).__name__)}
-
-
-class DiffusionModule(GenerativeModule):
+class DiffusionModule(DenoisingModule):
     """Denoising diffusion probabilistic model.
 
     Args:
@@ -77,38 +68,20 @@ class DiffusionModule(GenerativeModule):
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
     ):
-        super().__init__(
-            optimizer or (lambda params: torch.optim.AdamW(params, lr=2e-4)), lr_scheduler
-        )
+        super().__init__(net, image_shape, optimizer, lr_scheduler, ema_decay, num_classes,
+                         cond_drop_prob, sampler or ddim, sample_batch_size)  # fmt: skip
         if prediction not in process.PREDICTIONS:
             raise ValueError(f"prediction must be one of {process.PREDICTIONS}, got {prediction!r}")
-        self.net = net
-        self.image_shape = tuple(int(s) for s in image_shape)
+        self.prediction = prediction
         self.schedule = schedule or LinearSchedule()
         self.frame = VPFrame(self.schedule)
         if loss_weighting not in ("none", "min_snr"):
             raise ValueError(f"loss_weighting must be 'none' or 'min_snr', got {loss_weighting!r}")
         self.loss_weighting, self.min_snr_gamma = loss_weighting, float(min_snr_gamma)
-        self.prediction = prediction
-        self.ema = EMA(net, ema_decay) if ema_decay > 0 else None
-        self.num_classes = int(num_classes)
-        self.cond_drop_prob = cond_drop_prob
-        self.sampler = sampler or ddim
         self.variance = variance
         self.bpd_timesteps = bpd_timesteps
-        self.sample_batch_size = sample_batch_size
-
-    random_labels = False  # no labels: the unconditional model (the "no class" token)
 
     # ------------------------------------------------------------------ training
-    def _labels(self, y: torch.Tensor | None, drop: bool) -> torch.Tensor | None:
-        if self.num_classes == 0 or y is None:
-            return None
-        if drop and self.cond_drop_prob > 0:
-            mask = torch.rand(y.shape, device=y.device) < self.cond_drop_prob
-            y = torch.where(mask, torch.full_like(y, self.num_classes), y)
-        return y
-
     def diffusion_loss(self, x0, y, generator: torch.Generator | None = None) -> torch.Tensor:
         """Simple loss (Ho et al. 2020, Eq. 14) in the chosen parameterisation, per sample."""
         b = x0.shape[0]
@@ -131,40 +104,10 @@ class DiffusionModule(GenerativeModule):
         per = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}[self.prediction]
         return (clipped / per).float()
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = self.diffusion_loss(x, self._labels(y, drop=True)).mean()
-        check_finite("train/loss", loss, self.global_step)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def optimizer_step(self, *args, **kwargs):
-        super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:  # here, not in on_train_batch_end: checkpoints include it
-            self.ema.update(self.net)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        g = torch.Generator().manual_seed(batch_idx)  # same noise at every evaluation
-        loss = self.diffusion_loss(x, self._labels(y, drop=False), generator=g).mean()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-
-    def trainable_parameters(self):
-        return self.net.parameters()
+    def loss(self, x0, y, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.diffusion_loss(x0, y, generator)
 
     # ------------------------------------------------------------------ the family contract
-    def ema_target(self) -> nn.Module:
-        return self.net
-
-    def counted_module(self) -> nn.Module:
-        return self.net
-
-    def nfe_module(self) -> nn.Module:
-        return self.net
-
-    def sampling_protocol(self) -> dict:
-        return {**sampler_protocol(self.sampler), **self.frame.describe()}
-
     def denoiser(self, y: torch.Tensor | None = None, use_ema: bool = True) -> Denoiser:
         """``denoise(x, sigma) -> x0_hat`` in the sigma frame (x = x0 + sigma eps), for every
         sampler and for guidance to wrap: the network sees x_t = x / sqrt(1 + sigma^2) at the
@@ -181,18 +124,6 @@ class DiffusionModule(GenerativeModule):
             return process.x0_from_output(self.prediction, x_t, a, out)
 
         return denoise
-
-    def draw(self, m, y, generator, *, noise, index, n, progress, steps=None):
-        """One chunk: unit noise from ``generator`` (the sampler scales it to the prior), then
-        the sampler on the (guided) denoiser; ``steps`` overrides the sampler's step count."""
-        noise = torch.randn((m, *self.image_shape), generator=generator).to(self.device)
-        opts = {"generator": generator, "progress": progress}
-        if steps is not None:
-            opts["steps"] = steps
-        denoise = self.denoiser(y, use_ema=False)  # sample() has swapped the EMA weights in
-        if self.guidance is not None:
-            denoise = self.guidance.wrap_denoiser(self, denoise, y, index=index, n=n)
-        return self.sampler(denoise, noise, self.frame, **opts)
 
     def bpd_protocol(self) -> dict:
         """How ``bits_per_dim`` estimates the bound (recorded with every val/bpd)."""

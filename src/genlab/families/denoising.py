@@ -1,0 +1,148 @@
+"""What every denoising family shares (DDPM, EDM, flow matching): a network with an EMA copy,
+class labels with condition dropout (Ho & Salimans 2021) so that classifier-free guidance
+works, a per-sample training loss, and sampling by any solver of ``genlab.diffusion.samplers``
+through the family's denoiser in the shared sigma frame (``genlab.diffusion.frame``).
+
+A family writes ``loss(x0, y, generator) -> (B,)``, ``denoiser(y, use_ema)`` and sets
+``self.frame``; likelihoods come from the probability-flow ODE unless the family has a bound
+of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+from torch import nn
+
+from genlab.diffusion.frame import NoiseFrame
+from genlab.diffusion.samplers import heun
+from genlab.families.base import GenerativeModule
+from genlab.families.common import check_finite
+from genlab.families.contract import Denoiser
+from genlab.nets.ema import EMA
+
+
+def sampler_protocol(sampler: Callable) -> dict:
+    """A sampler's name and settings: a partial's function name and its keywords."""
+    if isinstance(sampler, partial):  # Hydra's partials may wrap a partial: the innermost name
+        keywords = {k: v for k, v in sampler.keywords.items() if isinstance(v, int | float | str)}
+        return {**sampler_protocol(sampler.func), **keywords}
+    return {"name": getattr(sampler, "__name__", type(sampler).__name__)}
+
+
+class DenoisingModule(GenerativeModule):
+    """The shared part of the denoising families.
+
+    Args:
+        net: ``net(x, c_noise, y) -> output`` of the image's shape (e.g. ``UNet``).
+        image_shape: (C, H, W) of the data.
+        optimizer / lr_scheduler: partials called with the parameters / the optimizer.
+        ema_decay: decay of the EMA copy used for sampling and evaluation (0 disables EMA).
+        num_classes: > 0 for class-conditional training (labels from the batch).
+        cond_drop_prob: probability of replacing a label by the "no class" token in training.
+        sampler: partial ``sampler(denoise, noise, frame, *, steps, generator)``.
+        sample_batch_size: largest batch the sampler runs at once.
+    """
+
+    random_labels = False  # no labels: the unconditional model (the "no class" token)
+    frame: NoiseFrame
+
+    def __init__(
+        self,
+        net: nn.Module,
+        image_shape: Sequence[int],
+        optimizer: Callable | None = None,
+        lr_scheduler: Callable | None = None,
+        ema_decay: float = 0.999,
+        num_classes: int = 0,
+        cond_drop_prob: float = 0.1,
+        sampler: Callable | None = None,
+        sample_batch_size: int = 256,
+    ):
+        super().__init__(
+            optimizer or (lambda params: torch.optim.AdamW(params, lr=2e-4)), lr_scheduler
+        )
+        self.net = net
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.ema = EMA(net, ema_decay) if ema_decay > 0 else None
+        self.num_classes = int(num_classes)
+        self.cond_drop_prob = cond_drop_prob
+        self.sampler = sampler or partial(heun, steps=18)
+        self.sample_batch_size = sample_batch_size
+
+    # ------------------------------------------------------------------ training
+    def _labels(self, y: torch.Tensor | None, drop: bool) -> torch.Tensor | None:
+        if self.num_classes == 0 or y is None:
+            return None
+        if drop and self.cond_drop_prob > 0:
+            mask = torch.rand(y.shape, device=y.device) < self.cond_drop_prob
+            y = torch.where(mask, torch.full_like(y, self.num_classes), y)
+        return y
+
+    def loss(self, x0, y, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B,) the family's training loss per sample."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.loss(x, self._labels(y, drop=True)).mean()
+        check_finite("train/loss", loss, self.global_step)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:  # here, not in on_train_batch_end: checkpoints include it
+            self.ema.update(self.net)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        g = torch.Generator().manual_seed(batch_idx)  # same noise at every evaluation
+        loss = self.loss(x, self._labels(y, drop=False), generator=g).mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def trainable_parameters(self):
+        return self.net.parameters()
+
+    # ------------------------------------------------------------------ the family contract
+    def ema_target(self) -> nn.Module:
+        return self.net
+
+    def counted_module(self) -> nn.Module:
+        return self.net
+
+    def nfe_module(self) -> nn.Module:
+        return self.net
+
+    def sampling_protocol(self) -> dict:
+        return {**sampler_protocol(self.sampler), **self.frame.describe()}
+
+    def denoiser(self, y: torch.Tensor | None = None, use_ema: bool = True) -> Denoiser:
+        raise NotImplementedError
+
+    def draw(self, m, y, generator, *, noise, index, n, progress, steps=None):
+        """One chunk: unit noise from ``generator`` (the sampler scales it to the prior), then
+        the sampler on the (guided) denoiser; ``steps`` overrides the sampler's step count."""
+        noise = torch.randn((m, *self.image_shape), generator=generator).to(self.device)
+        opts = {"generator": generator, "progress": progress}
+        if steps is not None:
+            opts["steps"] = steps
+        denoise = self.denoiser(y, use_ema=False)  # sample() has swapped the EMA weights in
+        if self.guidance is not None:
+            denoise = self.guidance.wrap_denoiser(self, denoise, y, index=index, n=n)
+        return self.sampler(denoise, noise, self.frame, **opts)
+
+
+def per_sample_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) mean squared error over every dimension but the first."""
+    return (out - target).pow(2).flatten(1).mean(1)
+
+
+def bcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample values (B,) -> (B, 1, 1, 1) in ``like``'s dtype."""
+    return values.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+__all__ = ["DenoisingModule", "bcast", "per_sample_mse", "sampler_protocol"]
