@@ -52,8 +52,8 @@ def passthrough_diffusion(tmp_path):
 
 
 def last_step(model, x_t, t, guidance=None):
-    """The sampler's last step from the VP image x_t at timestep t: DDIM and DDPM both return the (clamped)
-    denoiser's x0 there, guided or not."""
+    """The sampler's last step from the VP image x_t at timestep t: DDIM and DDPM both return
+    the (clamped) denoiser's x0 there, guided or not."""
     denoise = model.denoiser(None, use_ema=False)
     if guidance is not None:
         denoise = guidance.wrap_denoiser(model, denoise, None, index=slice(0, len(x_t)),

@@ -277,28 +277,14 @@ def _noise(seed=3):
 @pytest.mark.parametrize("steps", [1000, 50, 7])
 @pytest.mark.parametrize("schedule", [CosineSchedule(1000), LinearSchedule(1000)], ids=repr)
 def test_ddim_eta0_is_the_literal_ddim_update(schedule, steps):
-    """The update itself, started where the frame's prior puts x_T in the VP frame
-    (sqrt(1 - a_T) noise: the prior is N(0, sigma_max^2) in the sigma frame). Measured
-    agreement 3e-15."""
+    """The update itself, from x_T = noise in the VP frame as literal DDIM starts (the VP
+    frame's prior is noise / sqrt(a_T) in the sigma frame). Held to 1e-10; the issue asks 1e-5."""
     frame, noise = VPFrame(schedule), _noise()
     ab = schedule.alphas_cumprod.to(F64)
     start = frame.to_model(frame.prior(noise), torch.full((4,), frame.sigma_max, dtype=F64))
-    torch.testing.assert_close(start, noise * (1 - ab[-1]).sqrt(), atol=1e-14, rtol=0)
+    torch.testing.assert_close(start, noise, atol=1e-12, rtol=0)
     out = ddim(vp_denoiser(frame), noise, frame, steps=steps)
-    torch.testing.assert_close(out, literal_ddim(start, ab, steps), atol=1e-10, rtol=0)
-
-
-@pytest.mark.parametrize("steps", [1000, 50, 7])
-def test_ddim_eta0_from_unit_noise_matches_ddim_for_the_cosine_schedule(steps):
-    """Literal DDIM starts at x_T = noise ~ N(0, I). The cosine schedule's a_T = 2.4e-9, so
-    the frame's prior sqrt(1 - a_T) noise differs by 1.2e-9 relative: measured 6e-10. (The
-    linear schedule's a_T = 4e-5 makes that 2e-5 relative, up to 1.4e-5 at the output over
-    1000 steps, so it is not held to 1e-5 from unit noise.)"""
-    schedule = CosineSchedule(1000)
-    frame, noise = VPFrame(schedule), _noise()
-    out = ddim(vp_denoiser(frame), noise, frame, steps=steps)
-    ab = schedule.alphas_cumprod.to(F64)
-    torch.testing.assert_close(out, literal_ddim(noise, ab, steps), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, literal_ddim(noise, ab, steps), atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("schedule", [CosineSchedule(1000), LinearSchedule(1000)], ids=repr)
@@ -500,13 +486,6 @@ def test_steps_for_nfe_inverts_the_nfe_table():
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="describe() records only the keywords set in the sampler's partial "
-    "(sampler_protocol): with functools.partial(solver, steps=3) the spacing the solver "
-    "actually uses (its default: karras for euler/heun/midpoint/dpmpp_2m/unipc, time for "
-    "ddim/ddpm) is missing from the protocol, as are eta, clip_x0 and variance",
-)
 def test_describe_records_the_default_spacing(conditional_model):
     model = conditional_model
     for solver in SOLVERS:

@@ -129,6 +129,11 @@ class VPFrame(NoiseFrame):
         w = ((log_s - table[lo]) / (table[hi] - table[lo])).clamp(0, 1)
         return (lo + w).to(sigma.device)
 
+    def prior(self, noise: torch.Tensor) -> torch.Tensor:
+        """x_T = noise in the VP frame, as DDPM and DDIM start (x = noise / sqrt(a_T), i.e.
+        N(0, (1 + sigma_max^2) I): unit-variance data's exact marginal at sigma_max)."""
+        return noise * math.sqrt(1 + self.sigma_max**2)
+
     def sigma_at(self, t: torch.Tensor) -> torch.Tensor:
         """sigma of integer timesteps t."""
         return self.table.to(t.device)[t.long()]

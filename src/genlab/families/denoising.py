@@ -10,6 +10,7 @@ of its own.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -25,11 +26,19 @@ from genlab.nets.ema import EMA
 
 
 def sampler_protocol(sampler: Callable) -> dict:
-    """A sampler's name and settings: a partial's function name and its keywords."""
+    """A sampler's name and settings: the function's name, its keyword defaults (the spacing,
+    eta, ... it runs with when the config leaves them out), then a partial's keywords."""
     if isinstance(sampler, partial):  # Hydra's partials may wrap a partial: the innermost name
         keywords = {k: v for k, v in sampler.keywords.items() if isinstance(v, int | float | str)}
         return {**sampler_protocol(sampler.func), **keywords}
-    return {"name": getattr(sampler, "__name__", type(sampler).__name__)}
+    out = {"name": getattr(sampler, "__name__", type(sampler).__name__)}
+    try:
+        params = inspect.signature(sampler).parameters.values()
+    except (TypeError, ValueError):
+        return out
+    defaults = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+    return out | {k: v for k, v in defaults.items()
+                  if isinstance(v, int | float | str) and not isinstance(v, bool)}  # fmt: skip
 
 
 class DenoisingModule(GenerativeModule):

@@ -208,7 +208,8 @@ class _ClipMethod(Guidance):
 
 class ClipGradient(GradientGuidance, _ClipMethod):
     """Every sampler step follows the gradient of the CLIP objective of the predicted clean
-    image x0(x) with respect to the noisy image x (``GradientGuidance``); for ``Denoising`` models."""
+    image x0(x) with respect to the noisy image x (``GradientGuidance``); for ``Denoising``
+    models."""
 
     name, method = "clip", "gradient"
 
