@@ -164,3 +164,24 @@ def test_cfg_and_every_solver_on_the_new_families(preset, tmp_path):
         assert guided.shape == (3, *model.image_shape) and torch.isfinite(guided).all()
         assert not torch.allclose(guided, plain)
         assert model.describe()["sampler"]["name"] == solver.__name__
+
+
+def test_a_solver_switch_keeps_the_steps_and_bad_options_are_named(tiny_cfg):
+    """A DDIM run (eta in its config) sampled with dpmpp_2m: the switch keeps the run's steps
+    and drops eta; a sampler given an option it lacks fails at build time, naming the key."""
+    from functools import partial
+
+    from genlab.diffusion.samplers import dpmpp_2m
+    from genlab.families.denoising import check_sampler
+    from genlab.runs import load_model
+    from genlab.train import train
+
+    cfg = tiny_cfg("model=diffusion", "+model.sampler.eta=0.5")
+    train(cfg)
+    switch = ["sampler._target_=genlab.diffusion.samplers.dpmpp_2m"]
+    model = load_model(cfg.paths.output_dir, overrides=switch).model
+    assert model.describe()["sampler"]["name"] == "dpmpp_2m"
+    assert model.sampler.keywords["steps"] == cfg.model.sampler.steps
+    assert "eta" not in model.sampler.keywords
+    with pytest.raises(ValueError, match="dpmpp_2m takes no eta"):
+        check_sampler(partial(dpmpp_2m, steps=3, eta=1.0))

@@ -152,7 +152,8 @@ def load_model(
 ) -> LoadedRun:
     """The run's family with weights from ``checkpoints/<ckpt>.ckpt`` (``weights_only=True``,
     EMA included), in eval mode on ``device``; ``overrides`` (``["sampler.eta=1"]`` or a dict)
-    are merged into the run's model config first."""
+    are merged into the run's model config first. An override that switches the solver
+    (``sampler._target_``) keeps the run's step count and drops the old solver's options."""
     run_dir = Path(run_dir)
     config_path = run_dir / ".hydra" / "config.yaml"
     if not config_path.exists():
@@ -166,6 +167,15 @@ def load_model(
             OmegaConf.create(dict(overrides)) if isinstance(overrides, dict | DictConfig)
             else OmegaConf.from_dotlist(list(overrides))
         )  # fmt: skip
+        sampler = cfg.model.get("sampler")
+        switched = extra.get("sampler") or {}
+        if (
+            sampler is not None
+            and "_target_" in switched
+            and switched._target_ != sampler.get("_target_")
+        ):  # another solver: keep the step count, not the old solver's own options
+            kept = {k: sampler[k] for k in ("_partial_", "steps") if k in sampler}
+            cfg.model.sampler = OmegaConf.create(kept)
         cfg.model = OmegaConf.merge(cfg.model, extra)
     if build is None:
         from hydra.utils import instantiate as build

@@ -41,6 +41,31 @@ def sampler_protocol(sampler: Callable) -> dict:
                   if isinstance(v, int | float | str) and not isinstance(v, bool)}  # fmt: skip
 
 
+def check_sampler(sampler: Callable) -> Callable:
+    """The sampler, once its partial's keywords are known to be options of its function: a
+    run trained with DDIM's ``eta`` then sampled with ``dpmpp_2m`` gets a one-line error that
+    names the key, not a TypeError at the first sample."""
+    keywords, func = {}, sampler
+    while isinstance(func, partial):
+        keywords = {**func.keywords, **keywords}
+        func = func.func
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return sampler
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return sampler
+    unknown = sorted(set(keywords) - set(params))
+    if unknown:
+        name = getattr(func, "__name__", str(func))
+        options = ", ".join(k for k, p in params.items() if p.kind is p.KEYWORD_ONLY)
+        raise ValueError(
+            f"model.sampler: {name} takes no {', '.join(unknown)} (its options: {options}); "
+            f"drop it from the config, e.g. ~model.sampler.{unknown[0]}"
+        )
+    return sampler
+
+
 class DenoisingModule(GenerativeModule):
     """The shared part of the denoising families.
 
@@ -78,7 +103,7 @@ class DenoisingModule(GenerativeModule):
         self.ema = EMA(net, ema_decay) if ema_decay > 0 else None
         self.num_classes = int(num_classes)
         self.cond_drop_prob = cond_drop_prob
-        self.sampler = sampler or partial(heun, steps=18)
+        self.sampler = check_sampler(sampler or partial(heun, steps=18))
         self.sample_batch_size = sample_batch_size
 
     # ------------------------------------------------------------------ training
@@ -154,4 +179,4 @@ def bcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
 
-__all__ = ["DenoisingModule", "bcast", "per_sample_mse", "sampler_protocol"]
+__all__ = ["DenoisingModule", "bcast", "check_sampler", "per_sample_mse", "sampler_protocol"]
