@@ -92,6 +92,8 @@ def tiny_cfg(tmp_path):
             cfg.model.sampler.steps = 5
         if "bpd_timesteps" in cfg.model:  # diffusion: a 4-timestep bits/dim estimate
             cfg.model.bpd_timesteps = 4
+        if "ode_steps" in cfg.model:  # EDM, flow: a 4-step probability-flow ODE bits/dim
+            cfg.model.ode_steps = 4
         if cfg.model._target_.endswith("AutoregressiveModule"):  # pixel by pixel: 8x8 images
             cfg.data.image_size = 8
         return cfg

@@ -11,12 +11,14 @@ of its own.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
 from torch import nn
 
+from genlab.diffusion import ode_likelihood
 from genlab.diffusion.frame import NoiseFrame
 from genlab.diffusion.samplers import heun
 from genlab.families.base import GenerativeModule
@@ -78,6 +80,10 @@ class DenoisingModule(GenerativeModule):
         cond_drop_prob: probability of replacing a label by the "no class" token in training.
         sampler: partial ``sampler(denoise, noise, frame, *, steps, generator)``.
         sample_batch_size: largest batch the sampler runs at once.
+        ode_steps / ode_divergence / ode_probes: bits/dim by the probability-flow ODE
+            (``genlab.diffusion.ode_likelihood``): Heun steps (2 evaluations each; 64 steps
+            err by about 0.01-0.02 bits/dim, 128 by < 0.005), ``exact`` / ``hutchinson`` /
+            ``auto`` divergence, Hutchinson probes.
     """
 
     random_labels = False  # no labels: the unconditional model (the "no class" token)
@@ -94,10 +100,15 @@ class DenoisingModule(GenerativeModule):
         cond_drop_prob: float = 0.1,
         sampler: Callable | None = None,
         sample_batch_size: int = 256,
+        ode_steps: int = 64,
+        ode_divergence: str = "hutchinson",
+        ode_probes: int = 1,
     ):
         super().__init__(
             optimizer or (lambda params: torch.optim.AdamW(params, lr=2e-4)), lr_scheduler
         )
+        self.ode = {"steps": int(ode_steps), "divergence": ode_divergence,
+                    "probes": int(ode_probes)}  # fmt: skip
         self.net = net
         self.image_shape = tuple(int(s) for s in image_shape)
         self.ema = EMA(net, ema_decay) if ema_decay > 0 else None
@@ -155,6 +166,27 @@ class DenoisingModule(GenerativeModule):
 
     def denoiser(self, y: torch.Tensor | None = None, use_ema: bool = True) -> Denoiser:
         raise NotImplementedError
+
+    def bits_per_dim(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+    ) -> torch.Tensor:
+        """(B,) bits/dim of 8-bit images x (B, C, H, W) in [-1, 1] under the density of the
+        probability-flow ODE (Song et al. 2021, Sec. 4.3), uniformly dequantised
+        (``genlab.diffusion.ode_likelihood``); randomness (dequantisation, probes) from
+        ``generator``."""
+        labels = None if y is None else y.to(self.device)
+        with self.evaluating(), self.ema_weights(use_ema):
+            denoise = self.denoiser(labels, use_ema=False)
+            return ode_likelihood.ode_bits_per_dim(
+                denoise, x.to(self.device), self.frame, generator=generator, **self.ode
+            )
+
+    def bpd_protocol(self) -> dict:
+        return ode_likelihood.protocol(self.frame, num_dims=math.prod(self.image_shape), **self.ode)
 
     def draw(self, m, y, generator, *, noise, index, n, progress, steps=None):
         """One chunk: unit noise from ``generator`` (the sampler scales it to the prior), then

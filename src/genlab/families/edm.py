@@ -56,9 +56,13 @@ class EDMModule(DenoisingModule):
         p_std: float = 1.2,
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
+        ode_steps: int = 64,
+        ode_divergence: str = "hutchinson",
+        ode_probes: int = 1,
     ):
         super().__init__(net, image_shape, optimizer, lr_scheduler, ema_decay, num_classes,
-                         cond_drop_prob, sampler, sample_batch_size)  # fmt: skip
+                         cond_drop_prob, sampler, sample_batch_size, ode_steps, ode_divergence,
+                         ode_probes)  # fmt: skip
         self.sigma_data, self.p_mean, self.p_std = float(sigma_data), float(p_mean), float(p_std)
         self.frame = EDMFrame(sigma_min, sigma_max)
 

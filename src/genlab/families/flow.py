@@ -77,9 +77,13 @@ class FlowModule(DenoisingModule):
         time_scale: float = 1000.0,
         t_min: float = 1e-3,
         t_max: float = 1 - 1e-3,
+        ode_steps: int = 64,
+        ode_divergence: str = "hutchinson",
+        ode_probes: int = 1,
     ):
         super().__init__(net, image_shape, optimizer, lr_scheduler, ema_decay, num_classes,
-                         cond_drop_prob, sampler, sample_batch_size)  # fmt: skip
+                         cond_drop_prob, sampler, sample_batch_size, ode_steps, ode_divergence,
+                         ode_probes)  # fmt: skip
         if time_sampling not in TIME_SAMPLING:
             raise ValueError(f"time_sampling must be one of {TIME_SAMPLING}, got {time_sampling!r}")
         if coupling not in COUPLINGS:
