@@ -12,6 +12,8 @@ network: data, sample grids (PNG as data URIs), styles and scripts are all insid
   training images/s or sampling images/s), one point per run;
 - metric curves from each run's metrics.csv against steps or against training time
   (``time/train_s``, logged by the WallClock callback);
+- quality against the number of network evaluations, from each run's ``nfe.csv`` (written by
+  ``python -m genlab.evaluate run_dir=<run> "nfe=[...]"``): one line per run and solver;
 - each run's newest sample grid (and reconstructions where there are some), side by side;
 - the configuration keys whose values differ between the runs.
 
@@ -26,11 +28,13 @@ import base64
 import datetime as dt
 import html
 import json
+import math
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from genlab import nfe
 from genlab.runs import (
     config_differences,
     find_runs,
@@ -67,6 +71,21 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
+def nfe_lines(run: Path) -> list[dict]:
+    """A run's ``nfe.csv`` as lines: [{"name": solver (spacing) ..., "points": {metric:
+    [[counted NFE, value], ...]}}], non-finite values left out (JSON has none)."""
+    lines = []
+    for label, rows in nfe.series(nfe.read_table(run / nfe.TABLE)).items():
+        points: dict[str, list] = {}
+        for r in rows:
+            x = float(r["nfe"] or r["nfe_requested"])
+            for key, value in r.items():
+                if key.startswith("val/") and value and math.isfinite(float(value)):
+                    points.setdefault(key, []).append([x, float(value)])
+        lines.append({"name": label, "points": {k: sorted(v) for k, v in points.items()}})
+    return lines
+
+
 def collect(root: str | Path, max_points: int = 300) -> dict:
     """Everything the page shows, as one JSON-able dict."""
     root = Path(root)
@@ -89,7 +108,9 @@ def collect(root: str | Path, max_points: int = 300) -> dict:
             if kind in IMAGE_KINDS
         }
         run["config_diff"] = {k: run["config"].get(k, "—") for k in diff_keys}
+        run["nfe"] = nfe_lines(path)
         del run["config"]
+    nfe_keys = {k for r in runs for line in r["nfe"] for k in line["points"]}
     return {
         "root": str(root.resolve()),
         "generated": dt.datetime.now().isoformat(timespec="seconds"),
@@ -97,6 +118,7 @@ def collect(root: str | Path, max_points: int = 300) -> dict:
         "metrics": metrics,
         "lower_is_better": {m: lower_is_better(m) for m in metrics},
         "diff_keys": diff_keys,
+        "nfe_metrics": [m for m in metrics if m in nfe_keys] + sorted(nfe_keys - set(metrics)),
     }
 
 
@@ -245,7 +267,7 @@ document.querySelectorAll('#runs th').forEach((th, col) => {
 });
 
 // one chart: series [{name, color, points: [[x, y], ...]}]
-function chart(svg, series, xlabel, ylabel, lines, logy, logx) {
+function chart(svg, series, xlabel, ylabel, lines, logy, logx, marks) {
   svg.replaceChildren();
   const W = +svg.getAttribute('width'), H = +svg.getAttribute('height');
   const m = {l: 60, r: lines ? 10 : 110, t: 10, b: 36};
@@ -275,6 +297,8 @@ function chart(svg, series, xlabel, ylabel, lines, logy, logx) {
     if (lines) {
       const d = s.points.map((p, i) => (i ? 'L' : 'M') + X(p[0]).toFixed(1) + ' ' + Y(p[1]).toFixed(1)).join(' ');
       el('path', {d, fill: 'none', stroke: s.color, 'stroke-width': 1.5, class: 'curve'}, svg);
+      if (marks) s.points.forEach(p =>
+        el('circle', {cx: X(p[0]), cy: Y(p[1]), r: 3, fill: s.color, class: 'mark'}, svg));
     } else {
       s.points.forEach(p => {
         el('circle', {cx: X(p[0]), cy: Y(p[1]), r: 5, fill: s.color, class: 'point'}, svg);
@@ -330,6 +354,30 @@ function drawTrade() {
 const logx = document.getElementById('trade-logx');
 [sx, sy, logx].forEach(e => e.addEventListener('change', drawTrade));
 
+// quality against NFE: one line per run and solver (the runs' nfe.csv)
+const nfeSel = document.getElementById('nfe-metric');
+const nfeLines = DATA.runs.flatMap(r => r.nfe.map(l => ({...l, name: r.name + ' · ' + l.name})));
+function drawNfe() {
+  const key = nfeSel.value;
+  const series = nfeLines.map((l, i) => ({name: l.name, color: color(i), points: l.points[key] || []}));
+  document.body.dataset.nfe = chart(document.getElementById('nfe'), series,
+    'network evaluations per image (log)', key, true, nfeLog.checked, true, true);
+}
+const nfeLog = document.getElementById('nfe-log');
+if (nfeSel) {
+  DATA.nfe_metrics.forEach(k => nfeSel.add(new Option(k, k)));
+  nfeSel.value = ['val/fid', 'val/fd_digits'].find(k => DATA.nfe_metrics.includes(k))
+    || DATA.nfe_metrics[0];
+  [nfeSel, nfeLog].forEach(e => e.addEventListener('change', drawNfe));
+  const div = document.getElementById('nfe-legend');
+  nfeLines.forEach((l, i) => {
+    const span = div.appendChild(document.createElement('span'));
+    span.appendChild(document.createElement('i')).style.background = color(i);
+    span.appendChild(document.createTextNode(l.name));
+  });
+  drawNfe();
+}
+
 drawCurves(); drawTrade();
 window.addEventListener('load', () => {
   const imgs = Array.from(document.images);
@@ -347,6 +395,16 @@ def script_json(data: dict) -> str:
     for char in "<>&":
         text = text.replace(char, f"\\u{ord(char):04x}")
     return text
+
+
+def render_nfe(data: dict) -> str:
+    """The quality-against-NFE panel, where a run has an nfe.csv (drawn by the script)."""
+    if not data["nfe_metrics"]:
+        return ""
+    return """<div class="panel" id="nfe-panel"><h2>Quality against NFE</h2>
+<label>metric <select id="nfe-metric"></select></label>
+<label><input type="checkbox" id="nfe-log"> log y</label><br>
+<svg id="nfe" width="560" height="360"></svg><div class="legend" id="nfe-legend"></div></div>"""
 
 
 def render(data: dict) -> str:
@@ -376,6 +434,7 @@ of each metric is bold.</div>
 <option value="time">training time</option></select></label>
 <label><input type="checkbox" id="curve-log" checked> log y</label><br>
 <svg id="curves" width="560" height="360"></svg><div class="legend" id="curve-legend"></div></div>
+{render_nfe(data)}
 </div>
 <h2>Samples</h2>
 {render_samples(data)}

@@ -3,6 +3,7 @@
 
     python -m genlab.evaluate run_dir=<run> [n=5000] [ckpt=last] [steps=N] [device=auto]
                               [metrics=<preset>] [metrics.<key>=<value> | +metrics.<key>=<value>]
+                              [nfe=[2,4,8,16,32]] [+model.<key>=<value> ...]
     python -m genlab.evaluate images=<folder|.npz|.pt> data=<preset> [n=N] [metrics=<preset>]
                               [paths.data_dir=<dir>] [data.<key>=...] [out=<file.json>]
 
@@ -17,6 +18,18 @@ guided-diffusion samplers) or a ``.pt`` (a tensor, or a dict with ``images`` as 
 ``metrics.extractors=[digits]``, ``metrics.reference_samples=null``,
 ``metrics.inception_weights=<file>``).
 Missing weights stop the command with one line saying which file and how to provide it.
+
+``nfe=[2,4,8,16,32]`` (denoising models) evaluates once per number of network evaluations,
+with the steps ``genlab.diffusion.samplers.steps_for_nfe`` gives the run's sampler, or the one
+chosen with ``+model.sampler._target_=genlab.diffusion.samplers.<solver>`` (which keeps the
+run's step count and drops the old solver's options: ``genlab.runs.load_model``). It writes
+the table ``<run>/nfe.csv`` (one row per solver, spacing, sampler options, requested NFE, checkpoint
+and metrics settings; the NFE counted on the network beside the one asked for; rows of other
+solvers and settings are kept, a repeated point replaces its row) and its plot
+``<run>/nfe.png`` (each quality metric against the counted NFE, one line per solver and
+spacing). Bits/dim does not depend on the sampler and is left out of the sweep.
+``+model.<key>=<value>`` changes the run's model config before it is built (settings that do
+not touch the weights), as for ``python -m genlab.sample``.
 """
 
 from __future__ import annotations
@@ -30,12 +43,17 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
+from tqdm.auto import tqdm
 
+from genlab import nfe as nfe_table
 from genlab.data import readers
+from genlab.diffusion.samplers import steps_for_nfe
 from genlab.evaluation import evaluate_model
+from genlab.families.autoregressive import AutoregressiveModule
 from genlab.families.contract import Denoising
 from genlab.metrics.common import WeightsNotFoundError
 from genlab.metrics.evaluator import Evaluator
@@ -130,19 +148,118 @@ def _print(result: dict) -> None:
         print(f"{'(not computed) ' + key:28s} {reason}")
 
 
+# ------------------------------------------------------------------ the model
+def with_steps(sampler, steps: int):
+    """The sampler partial with ``steps`` set."""
+    return partial(sampler.func, **{**sampler.keywords, "steps": int(steps)})
+
+
+def load_run_model(cfg: DictConfig):
+    """(model, run config, step) of ``cfg.run_dir`` with the ``+model.`` changes."""
+    overrides = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") else {}
+    try:
+        return load_model(cfg.run_dir, str(cfg.ckpt), device_of(cfg.device), overrides)
+    except InstantiationException as err:  # e.g. a solver given an option it does not take
+        raise UsageError(f"error: {err.__cause__ or ' '.join(str(err).split())}") from None
+
+
+# ------------------------------------------------------------------ quality against NFE
+def nfe_values(value) -> list[int]:
+    """``nfe=`` (a list, or one number) as sorted distinct positive integers; [] for null."""
+    if value is None:
+        return []
+    values = list(value) if OmegaConf.is_list(value) or isinstance(value, list) else [value]
+    try:
+        ok = values and all(float(v) == int(v) >= 1 for v in values)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UsageError(
+            f"error: nfe= takes positive integers, e.g. nfe=[2,4,8,16,32]; got {value}"
+        )
+    return sorted({int(v) for v in values})
+
+
+def solver_of(model, sampler_protocol: dict) -> tuple[str, str, str]:
+    """(solver name, spacing, the sampler settings that differ from the solver's defaults as
+    ``key=value`` text, e.g. ``eta=1.0``; "" for none)."""
+    func = model.sampler
+    while isinstance(func, partial):
+        func = func.func
+    params = inspect.signature(func).parameters
+    defaults = {k: p.default for k, p in params.items() if p.default is not p.empty}
+    spacing = sampler_protocol.get("spacing", defaults.get("spacing", ""))
+    skip = {"name", "steps", "spacing", *model.frame.describe()}
+    options = [
+        f"{k}={json.dumps(v, sort_keys=True) if isinstance(v, dict) else v}"
+        for k, v in sorted(sampler_protocol.items())
+        if k not in skip and (k not in defaults or defaults[k] != v)
+    ]
+    return str(sampler_protocol.get("name", "")), str(spacing), " ".join(options)
+
+
+def nfe_sweep(cfg, model, evaluator, datamodule, settings: dict, step) -> dict:
+    """Evaluate ``model`` at each ``cfg.nfe``; merge the rows into ``<run>/nfe.csv`` and plot
+    the table to ``<run>/nfe.png``."""
+    run_dir, sampler, rows = Path(cfg.run_dir), model.sampler, []
+    bar = tqdm(nfe_values(cfg.nfe), desc="nfe sweep", disable=not evaluator.progress)
+    for nfe in bar:
+        steps = steps_for_nfe(sampler, nfe)
+        bar.set_postfix(nfe=nfe, steps=steps)
+        model.sampler = with_steps(sampler, steps)
+        start = time.perf_counter()
+        metrics, protocol = evaluate_model(evaluator, model, datamodule)
+        solver, spacing, options = solver_of(model, protocol["sampler"])
+        counted = metrics.pop("val/sample_nfe", None)
+        counted = int(counted) if counted is not None and counted == int(counted) else counted
+        rows.append({
+            "solver": solver, "spacing": spacing, "options": options, "nfe_requested": nfe,
+            "steps": steps, "nfe": counted, "ckpt": str(cfg.ckpt), "step": step,
+            "weights": protocol["weights"], "settings": nfe_table.settings_id(settings),
+            "num_samples": evaluator.num_samples, "seed": evaluator.seed,
+            "time_s": round(time.perf_counter() - start, 3),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **metrics,
+        })  # fmt: skip
+    model.sampler = sampler
+    table = nfe_table.write_table(run_dir / nfe_table.TABLE, rows)
+    plot = nfe_table.plot(table, run_dir / nfe_table.PLOT)
+    return {"nfe": rows, "table": str(run_dir / nfe_table.TABLE), "plot": str(plot)}
+
+
+def _print_sweep(result: dict) -> None:
+    for row in result["nfe"]:
+        head = f"{row['solver']} ({row['spacing']}) nfe {row['nfe']} (asked {row['nfe_requested']})"
+        values = "  ".join(f"{k} {v:.6g}" for k, v in row.items() if k.startswith("val/"))
+        print(f"{head:36s} {values}")
+    print(f"wrote {result['table']} and {result['plot']}")
+
+
 # ------------------------------------------------------------------ the two modes
 def evaluate_run(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     ckpt = str(cfg.ckpt)
-    model, run_cfg, step = load_model(run_dir, ckpt, device_of(cfg.device))
+    nfes = nfe_values(cfg.get("nfe"))
+    if nfes and cfg.steps is not None:
+        raise UsageError("error: steps= or nfe=[...], not both (nfe= sets the steps)")
+    model, run_cfg, step = load_run_model(cfg)
+    if nfes and not isinstance(model, Denoising):
+        how = "pixel by pixel" if isinstance(model, AutoregressiveModule) else "in one pass"
+        raise UsageError(
+            f"error: nfe=[{','.join(map(str, nfes))}] needs a denoising model (diffusion, EDM, "
+            f"flow); {model.family} samples {how}"
+        )
     if cfg.steps is not None:
         if not isinstance(model, Denoising):
             raise UsageError(f"steps= is for diffusion models; {type(model).__name__} has none")
-        sampler = model.sampler
-        model.sampler = partial(sampler.func, **{**sampler.keywords, "steps": int(cfg.steps)})
+        model.sampler = with_steps(model.sampler, cfg.steps)
     settings = metrics_config(cfg, run_cfg.get("metrics"), run_cfg)
+    if nfes:  # the counted NFE is a cost metric; bits/dim does not depend on the sampler
+        chosen = settings.get("metrics", inspect.signature(Evaluator).parameters["metrics"].default)
+        settings["metrics"] = [*(m for m in chosen if m not in ("bpd", "cost")), "cost"]
     evaluator = Evaluator(**settings, on_missing_weights="raise")
     datamodule = instantiate(run_cfg.data)
+    if nfes:
+        return nfe_sweep(cfg, model, evaluator, datamodule, settings, step)
     start = time.perf_counter()
     metrics, protocol = evaluate_model(evaluator, model, datamodule)
     result = {"metrics": metrics, "protocol": protocol, "time_s": time.perf_counter() - start}
@@ -155,6 +272,10 @@ def evaluate_run(cfg: DictConfig) -> dict:
 def evaluate_images(cfg: DictConfig) -> dict:
     if cfg.get("data") is None:
         raise UsageError(f"images=... needs data=<preset> (one of conf/data/*.yaml)\n{USAGE}")
+    if cfg.get("nfe") is not None:
+        raise UsageError(
+            "error: nfe=[...] evaluates a run's model: give run_dir=<run>, not images="
+        )
     images = load_images(cfg.images)
     if cfg.n is not None:
         images = images[: int(cfg.n)]
@@ -178,11 +299,14 @@ def run(cfg: DictConfig) -> dict:
     except (WeightsNotFoundError, readers.DatasetNotFoundError, FileNotFoundError,
             ValueError) as err:  # fmt: skip
         raise UsageError(f"error: {err}") from None
-    _print(result)
+    if "nfe" in result:
+        _print_sweep(result)
+    else:
+        _print(result)
     if cfg.out:
         Path(cfg.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {cfg.out}")
-    elif cfg.run_dir is not None:
+    elif cfg.run_dir is not None and "nfe" not in result:
         print(f"appended to {Path(cfg.run_dir) / 'summary.json'} (evaluations)")
     return result
 
