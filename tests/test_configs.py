@@ -138,14 +138,15 @@ def test_unknown_key_fails_at_composition(tmp_path):
     assert "learning_rate" in str(err.value)
 
 
-ROOTS = ("config", "sample", "evaluate", "dashboard")  # the four commands' root configs
+ROOTS = ("config", "sample", "evaluate", "dashboard", "reflow")  # the commands' root configs
 
 
 def reached_by(path) -> tuple[str, list[str]]:
     """The composition that uses conf/<path>: (root config, overrides)."""
     rel = path.relative_to(CONF_DIR).with_suffix("")
     if len(rel.parts) == 1:  # a root; its required values given
-        return rel.name, {"sample": ["run_dir=x"], "dashboard": ["dir=x"]}.get(rel.name, [])
+        required = {"sample": ["run_dir=x"], "dashboard": ["dir=x"], "reflow": ["run_dir=x"]}
+        return rel.name, required.get(rel.name, [])
     group, option = "/".join(rel.parts[:-1]), rel.parts[-1]
     if group == "hydra" and option == "tool":
         return "sample", ["run_dir=x"]
