@@ -1,0 +1,155 @@
+"""Quality against NFE for DDPM, EDM and flow matching on MNIST on this machine: the figures of
+docs/results.md ("Fast solvers, EDM and flow matching").
+
+    python bench/nfe_figures.py [--root runs/nfe_figures] [--data-dir ../shared/assets/mnist]
+        [--n 2000] [--minutes 20] [--stages train,ddpm,edm,flow,reflow]
+        [--out bench/results/nfe_figures.json]
+
+Stages, each skipped when its output exists (so a killed benchmark resumes where it stopped):
+
+- ``train``: ``python -m genlab experiment=mnist_<family>_cpu`` for ddpm, edm and flow, the same
+  UNet, data, ``--minutes`` of training each (the presets' ``trainer.max_time``), one after
+  the other, with in-training evaluation switched off (``metrics=none``) so the minutes are
+  all training.
+- ``ddpm``: the DDPM checkpoint at NFE 5 / 10 / 20 / 50 with DDIM, Euler, Heun, DPM-Solver++(2M)
+  and UniPC, every solver with x0 clipped to [-1, 1] as DDIM does (``clip_x0``), at its default
+  spacing (DDIM: uniform time; the others: Karras rho = 7) and DPM-Solver++ also at uniform
+  time and uniform log-SNR.
+- ``edm`` / ``flow``: the EDM run (Heun, Euler, DPM-Solver++) and the flow run (Euler, Heun,
+  midpoint, DPM-Solver++) at NFE 5 / 10 / 20 (and 50 for their first solver).
+- ``reflow``: ``python -m genlab.reflow`` on the flow run (n pairs from its Euler-20 ODE), the
+  2-rectified flow at NFE 1 / 2 / 5 against the 1-rectified flow at 1 / 2 / 20.
+
+Every point is ``python -m genlab.evaluate run_dir=<run> metrics=cpu "metrics.metrics=[fid,cost]"
+n=<n> "nfe=[...]" +model.sampler...``: the digit Frechet distance (``val/fd_digits``, the
+classifier genlab ships, n generated images against 10,000 MNIST training images) with the
+NFE counted on the network; each run's ``nfe.csv`` holds the rows. The printed table and the
+JSON are read back from those tables. Targets (issue 16): DPM-Solver++ at 10 NFE within 10% of
+DDIM at 50; EDM and flow at or below the DDPM run's DDIM-50 figure with at most 20 NFE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SOLVERS = "genlab.diffusion.samplers."
+FAMILIES = ("ddpm", "edm", "flow")
+
+
+def sh(args: list[str], log: Path) -> None:
+    print("$", " ".join(args), flush=True)
+    t = time.time()
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(args) + "\n")
+        f.flush()
+        proc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT)
+    print(f"  exit {proc.returncode} after {time.time() - t:.0f} s (log: {log})", flush=True)
+    if proc.returncode:
+        raise SystemExit(f"error: the command above failed; see {log}")
+
+
+def train(root: Path, data_dir: str, minutes: int) -> None:
+    for fam in FAMILIES:
+        run = root / fam
+        if (run / "checkpoints" / "last.ckpt").is_file():
+            continue
+        sh([sys.executable, "-m", "genlab", f"experiment=mnist_{fam}_cpu", "metrics=none",
+            f"paths.data_dir={data_dir}", f"trainer.max_time=00:00:{minutes:02d}:00",
+            f"hydra.run.dir={run}", "logger=csv"], root / f"train_{fam}.log")  # fmt: skip
+
+
+def evaluate(run: Path, n: int, nfe: list[int], solver: str, *opts: str) -> None:
+    """One sweep over nfe of one solver (+ options) on run, appended to run/nfe.csv; skipped
+    when it finished before (a marker file per sweep)."""
+    done = run / f".bench_{solver}_{'_'.join(opts)}_{'-'.join(map(str, nfe))}_n{n}.done"
+    if done.is_file():
+        return
+    sh([sys.executable, "-m", "genlab.evaluate", f"run_dir={run}", "metrics=cpu",
+        "metrics.metrics=[fid,cost]", f"n={n}", f"nfe=[{','.join(map(str, nfe))}]",
+        f"+model.sampler._target_={SOLVERS}{solver}", *[f"+model.sampler.{o}" for o in opts]],
+       run.parent / f"eval_{run.name}.log")  # fmt: skip
+    done.write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+
+
+def read(run: Path) -> list[dict]:
+    path = run / "nfe.csv"
+    return list(csv.DictReader(open(path))) if path.is_file() else []
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", default="runs/nfe_figures")
+    ap.add_argument("--data-dir", default="../shared/assets/mnist")
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--minutes", type=int, default=20)
+    ap.add_argument("--pairs", type=int, default=4000)
+    ap.add_argument("--reflow-steps", type=int, default=1000)
+    ap.add_argument("--stages", default="train,ddpm,edm,flow,reflow")
+    ap.add_argument("--out", default="bench/results/nfe_figures.json")
+    a = ap.parse_args()
+    root = Path(a.root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    stages = a.stages.split(",")
+    full, short = [5, 10, 20, 50], [5, 10, 20]
+    if "train" in stages:
+        train(root, a.data_dir, a.minutes)
+    if "ddpm" in stages:
+        run = root / "ddpm"
+        evaluate(run, a.n, full, "ddim")
+        evaluate(run, a.n, full, "dpmpp_2m", "clip_x0=true")
+        evaluate(run, a.n, full, "unipc", "clip_x0=true")
+        evaluate(run, a.n, short, "dpmpp_2m", "clip_x0=true", "spacing=time")
+        evaluate(run, a.n, short, "dpmpp_2m", "clip_x0=true", "spacing=log_snr")
+        evaluate(run, a.n, full, "euler", "clip_x0=true")
+        evaluate(run, a.n, full, "heun", "clip_x0=true")
+    if "edm" in stages:
+        run = root / "edm"
+        evaluate(run, a.n, full, "heun")
+        evaluate(run, a.n, short, "euler")
+        evaluate(run, a.n, short, "dpmpp_2m")
+    if "flow" in stages:
+        run = root / "flow"
+        evaluate(run, a.n, full, "euler")
+        evaluate(run, a.n, short, "heun")
+        evaluate(run, a.n, short, "midpoint")
+        evaluate(run, a.n, short, "dpmpp_2m")
+    if "reflow" in stages:
+        flow, rf = root / "flow", root / "flow" / "reflow"
+        if not (rf / "checkpoints" / "last.ckpt").is_file():
+            sh([sys.executable, "-m", "genlab.reflow", f"run_dir={flow}", f"n={a.pairs}",
+                "pair_steps=20", f"max_steps={a.reflow_steps}", f"out={rf}"],
+               root / "reflow.log")  # fmt: skip
+        evaluate(flow, a.n, [1, 2], "euler")
+        evaluate(rf, a.n, [1, 2, 5], "euler")
+
+    result = {}
+    for name, run in [*((f, root / f) for f in FAMILIES), ("reflow", root / "flow" / "reflow")]:
+        rows = read(run)
+        summary = run / "summary.json"
+        info = json.loads(summary.read_text()) if summary.is_file() else {}
+        result[name] = {
+            "run": str(run), "train_steps": info.get("global_step"),
+            "train_s": (info.get("metrics") or {}).get("time/train_s"),
+            "points": [{k: r[k] for k in ("solver", "spacing", "options", "nfe", "steps",
+                                          "val/fd_digits", "val/sample_img_per_s") if k in r}
+                       for r in rows if r["num_samples"] == str(a.n)],
+        }  # fmt: skip
+    print(f"\nfd_digits (n={a.n}) against counted NFE")
+    for name, res in result.items():
+        print(f"{name}: {res['train_steps']} steps")
+        for p in res["points"]:
+            print(f"  {p['solver']:9s} {p['spacing']:8s} {p['options']:18s} NFE {p['nfe']:>3s} "
+                  f"fd {float(p['val/fd_digits']):7.2f}")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
