@@ -144,8 +144,10 @@ def main() -> None:
     for name, res in result.items():
         print(f"{name}: {res['train_steps']} steps")
         for p in res["points"]:
-            print(f"  {p['solver']:9s} {p['spacing']:8s} {p['options']:18s} NFE {p['nfe']:>3s} "
-                  f"fd {float(p['val/fd_digits']):7.2f}")
+            print(
+                f"  {p['solver']:9s} {p['spacing']:8s} {p['options']:18s} NFE {p['nfe']:>3s} "
+                f"fd {float(p['val/fd_digits']):7.2f}"
+            )
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {a.out}")

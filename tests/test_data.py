@@ -65,6 +65,44 @@ def test_folder_with_class_subfolders_and_a_corrupt_jpeg(tmp_path):
     images, labels = data.tensors
     assert images.shape == (12, 3, 8, 8)
     assert labels.tolist() == [0] * 6 + [1] * 6
+    assert dm.unreadable == {"train": 1}  # train() records it in summary.json and train.log
+    again = FolderDataModule(
+        root=str(root), image_size=8, channels=3, num_classes=2, val_fraction=0.0,
+        cache_dir=str(tmp_path / "cache"), batch_size=4,
+    )  # fmt: skip
+    again.load_split("train")  # from the cache: the count came with it
+    assert again.unreadable == {"train": 1}
+
+
+@pytest.mark.parametrize("bad", [0, -2, "abc"])
+def test_a_batch_size_that_is_not_positive_is_one_line(bad):
+    message = f"data.batch_size must be a positive integer, got {bad!r}"
+    with pytest.raises(ValueError, match=message):
+        SyntheticDataModule(batch_size=bad)
+
+
+def test_16_bit_grey_and_transparent_images_decode_to_what_they_show(tmp_path):
+    """A 16-bit grey PNG at half scale decodes to grey 128 (Pillow's convert gives 255), an
+    RGBA PNG is composited over white (convert drops alpha: the hidden red would show)."""
+    import numpy as np
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(root / "a_grey16.png")
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent on the left half, half opaque on the right
+    rgba[:, 4:, 3] = 128
+    Image.fromarray(rgba, "RGBA").save(root / "b_rgba.png")
+    assert Image.open(root / "a_grey16.png").mode.startswith("I")
+    dm = FolderDataModule(
+        root=str(root), image_size=8, channels=3, val_fraction=0.0,
+        cache_dir=str(tmp_path / "cache"), batch_size=2,
+    )  # fmt: skip
+    images = dm.load_split("train").tensors[0]
+    grey, composited = images[0], images[1]
+    assert grey.min() == grey.max() == 128
+    assert composited[:, :, :3].eq(255).all()  # transparent: the white background
+    assert composited[0, 2:6, 5].eq(255).all() and composited[1, 2:6, 5].eq(127).all()
 
 
 def test_decoded_tensors_are_cached_and_reused(tmp_path, monkeypatch):

@@ -106,3 +106,24 @@ def test_checkpoints_get_the_usual_permissions_and_stale_temporaries_go(tiny_cfg
     mode = stat.S_IMODE((ckpts / "last.ckpt").stat().st_mode)
     assert mode == 0o666 & ~umask  # was 0600 (mkstemp's)
     assert not list(ckpts.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["model.num_classes=3"], "model.num_classes=3 but the data has 4 classes"),
+        (["model.num_classes=4", "data.num_classes=0"], "has no labels (data.num_classes=0)"),
+    ],
+)
+def test_a_conditional_model_that_does_not_match_the_data_is_refused_at_once(
+    tiny_cfg, overrides, says
+):
+    """Before the trainer, a logger or a checkpoint exists (was: an IndexError in training, or
+    silent training on label 0 for an unlabelled folder)."""
+    cfg = tiny_cfg(*overrides)
+    with pytest.raises(ValueError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert says in message and "model.num_classes=${data.num_classes}" in message
+    assert "\n" not in message
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()

@@ -1,15 +1,20 @@
 """The GAN family: penalties against direct autograd, spectral norm, EMA rate, DiffAugment,
-truncation, conditional presets, divergence handling and exact resume with n_critic > 1."""
+truncation, conditional presets, divergence handling and exact resume with n_critic > 1
+(checkpoints and stop signals at step boundaries), clipping only when asked, images/s."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
 
+import genlab.train as train_module
+from genlab.callbacks.checkpoint import LastCheckpoint
 from genlab.families.common import DivergenceError
 from genlab.families.gan import GANModule, gradient_penalty, r1_penalty
 from genlab.nets.augment import diff_augment
@@ -178,3 +183,97 @@ def test_latent_interpolation_grid(tiny_cfg):
     train(cfg)
     grids = sorted(os.listdir(os.path.join(cfg.paths.output_dir, "samples")))
     assert "interp_0000002.png" in grids and "interp_0000004.png" in grids
+
+
+WGAN_TINY = [
+    "model=wgan_gp",
+    "metrics.at_end=false",
+    "data.num_samples=64",
+    "data.batch_size=8",
+    "~callbacks.sample_grid",
+    "model.ema_decay=0",
+]
+
+
+def test_n_critic_checkpoints_once_per_step_at_the_batch_that_completes_it(tiny_cfg, monkeypatch):
+    """n_critic=5, last.ckpt every step: one save per global step, each holding exactly
+    5 discriminator steps per generator step (none at step 0, none after a D-only batch)."""
+    saves, original = [], LastCheckpoint._save
+
+    def record(self, trainer):
+        saves.append((trainer.global_step, int(trainer.lightning_module.d_steps)))
+        original(self, trainer)
+
+    monkeypatch.setattr(LastCheckpoint, "_save", record)
+    train(tiny_cfg(*WGAN_TINY, "callbacks.last_checkpoint.every_n_train_steps=1",
+                   "trainer.max_steps=3"))  # fmt: skip
+    assert saves == [(1, 5), (2, 10), (3, 15)]
+
+
+def test_gans_clip_only_when_asked_and_count_every_discriminator_batch(tiny_cfg, monkeypatch):
+    """The GAN presets do not clip (their papers do not; trainer.gradient_clip_val is not
+    theirs); model.gradient_clip_val=1.0 clips D and G at every step. train_images_per_s
+    counts the n_critic discriminator batches of each step."""
+    calls = []
+    original = GANModule.clip_gradients
+
+    def counted(self, opt, *args, **kwargs):
+        calls.append(kwargs.get("gradient_clip_algorithm"))
+        return original(self, opt, *args, **kwargs)
+
+    monkeypatch.setattr(GANModule, "clip_gradients", counted)
+    summary = train(tiny_cfg(*WGAN_TINY, "trainer.max_steps=2"))
+    assert calls == []
+    steps = summary["global_step"]
+    images = summary["train_images_per_s"] * summary["train_time_s"]
+    assert steps == 2 and images == pytest.approx(steps * 5 * 8)
+
+    cfg = tiny_cfg("model=gan", "metrics.at_end=false", "~callbacks.sample_grid",
+                   "model.gradient_clip_val=1.0", "trainer.max_steps=2")  # fmt: skip
+    cfg.paths.output_dir = cfg.paths.output_dir + "_clipped"
+    train(cfg)
+    assert calls == ["norm"] * 4  # D and G, two steps
+
+
+def test_sigterm_mid_cycle_stops_at_the_end_of_the_step_and_resumes_exactly(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    """SIGTERM during a discriminator-only batch (batch 7: step 2's third D batch): training
+    goes on to the batch that completes step 2, last.ckpt holds 2 G and 10 D steps, and the
+    resumed run equals an uninterrupted one."""
+
+    class SignalAtBatch(L.Callback):
+        def __init__(self):
+            self.batches = 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.batches += 1
+            if self.batches == 8:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = SignalAtBatch()
+    build = train_module.build_callbacks
+    monkeypatch.setattr(train_module, "build_callbacks", lambda cfg: [*build(cfg), sender])
+    common = [
+        *WGAN_TINY,
+        "callbacks.last_checkpoint.every_n_train_steps=100",
+        "callbacks.periodic_checkpoint.every_n_train_steps=100",
+        "trainer.max_steps=4",
+    ]
+    cfg = tiny_cfg(*common)
+    with pytest.raises(SystemExit) as stop:
+        train(cfg)
+    assert stop.value.code == 143
+    run = tmp_path / "run"
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 2 and int(state["state_dict"]["d_steps"]) == 10
+
+    sender.batches = -(10**6)  # no signal from here on
+    train(tiny_cfg(*common))
+    straight = tiny_cfg(*common)
+    straight.paths.output_dir = str(tmp_path / "straight")
+    train(straight)
+    a, b = load_model(run, "last")[0], load_model(tmp_path / "straight", "last")[0]
+    assert int(a.d_steps) == int(b.d_steps) == 20
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)

@@ -2,15 +2,15 @@
 its plot ``<run>/nfe.png``, written by ``python -m genlab.evaluate run_dir=<run>
 "nfe=[2,4,8,16,32]"`` and read by the dashboard.
 
-The table has one row per point: the solver, its spacing, the sampler settings that differ
-from the solver's defaults (``options``, e.g. ``eta=1.0``), the NFE asked for, the ``steps`` that gave it
-(``genlab.diffusion.samplers.steps_for_nfe``), the NFE counted on the network (``nfe``, what
-``val/sample_nfe`` reports), the checkpoint and its step, EMA or raw weights, ``settings``
+The table has one row per point: the solver, its spacing, the sampler settings that differ from
+the solver's defaults (``options``, e.g. ``eta=1.0``), the NFE asked for, the ``steps`` that
+gave it (``genlab.diffusion.samplers.steps_for_nfe``), the NFE counted on the network (``nfe``,
+what ``val/sample_nfe`` reports), the checkpoint and its step, EMA or raw weights, ``settings``
 (8 hex digits naming the evaluator settings a number depends on, with ``num_samples`` and
 ``seed`` spelled out), the seconds the point took, when, and one column per metric
-(``val/fd_digits``, ``val/fid``, ..., ``val/sample_img_per_s``; empty where a row has none).
-A row is identified by ``KEY``: writing a point again replaces its row, any other row is
-kept, so sweeps of several solvers accumulate in one table.
+(``val/fd_digits``, ``val/fid``, ..., ``val/sample_img_per_s``; empty where a row has none). A
+row is identified by ``KEY``: writing a point again replaces its row, any other row is kept, so
+sweeps of several solvers accumulate in one table.
 """
 
 from __future__ import annotations

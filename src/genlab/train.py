@@ -20,9 +20,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from genlab import profile
+from genlab.callbacks import preemption
 from genlab.callbacks.checkpoint import AtomicCheckpointIO
 from genlab.callbacks.csv_log import ResumableCSVLogger
 from genlab.callbacks.evaluation import Evaluation
+from genlab.families.common import DivergenceError
 from genlab.guidance import build_guidance
 from genlab.runs import read_summary, remove_stale_temporaries, write_summary
 from genlab.utils import CONF_DIR, sweep_dir, wandb_mode
@@ -53,6 +56,35 @@ def _choices() -> dict:
         }
     except ValueError:  # not under Hydra (tests composing by hand)
         return {}
+
+
+def _overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under Hydra (tests composing by hand)
+        return []
+
+
+def divergence_advice(cfg: DictConfig, run_dir: Path) -> str:
+    """The command that resumes a diverged run from its last checkpoint with a quarter of its
+    learning rate (which takes effect on resume: ``families.optim_state``), into a new run
+    directory (the config changed)."""
+    lowered = {
+        f"model.{key}.lr": f"{float(node.lr) / 4:g}"
+        for key, node in cfg.model.items()
+        if key.endswith("optimizer") and isinstance(node, DictConfig) and "lr" in node
+    }
+    given = _overrides()
+    drop = {*lowered, "ckpt_path", "hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir"}
+    kept = [o for o in given if o.split("=", 1)[0].lstrip("+~") not in drop]
+    args = [*kept, *(f"{k}={v}" for k, v in lowered.items())]
+    args.append(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
+    advice = f"resume with a lower learning rate: python -m genlab {' '.join(args)}"
+    # a manually optimised family (GANs) clips by its own key; the others by the trainer's
+    key = "model" if "gradient_clip_val" in cfg.model else "trainer"
+    if not cfg[key].get("gradient_clip_val"):
+        advice += f" (or clip gradients: add {key}.gradient_clip_val=1.0)"
+    return advice
 
 
 def wandb_settings(conf: DictConfig, run_dir: Path, family: str | None) -> dict:
@@ -163,10 +195,21 @@ def train(cfg: DictConfig) -> dict:
         return _train(cfg, run_dir, fingerprint, state)
     except BaseException as err:
         trainer = state.get("trainer")
+        stop = isinstance(err, SystemExit | KeyboardInterrupt | preemption.Preempted)
+        signal_name = preemption.requested() if stop else None  # SIGTERM / Ctrl-C during fit
+        error = f"{type(err).__name__}: {err}".strip()
+        if isinstance(err, DivergenceError):
+            error = f"{type(err).__name__}: {err}; {divergence_advice(cfg, run_dir)}"
+        if signal_name:
+            at = f" at step {trainer.global_step}" if trainer is not None else ""
+            error = (f"{signal_name}{at}: checkpoints/last.ckpt holds the run; the same command "
+                     f"with hydra.run.dir={run_dir} resumes it")  # fmt: skip
         if trainer.is_global_zero if trainer is not None else _rank() == 0:
             failure = {
-                "status": "interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
-                "error": f"{type(err).__name__}: {err}".strip(),
+                "status": "interrupted"
+                if signal_name or isinstance(err, KeyboardInterrupt)
+                else "failed",
+                "error": error,
                 "choices": _choices(),
                 "config_hash": fingerprint,
                 "wall_time_s": time.time() - start,
@@ -175,6 +218,12 @@ def train(cfg: DictConfig) -> dict:
                 failure["global_step"] = trainer.global_step
             # added to this attempt's summary; one that failed before writing it starts afresh
             write_summary(run_dir, failure, merge=state.get("summary_begun", False))
+        if signal_name:
+            log.warning("%s: interrupted; %s", run_dir, error)
+            raise SystemExit(preemption.exit_code()) from err  # 143 for SIGTERM, 130 for Ctrl-C
+        log.error("%s: failed: %s", run_dir, error)  # in train.log too, not only on stderr
+        if isinstance(err, DivergenceError):  # the same error, with the exact command to resume
+            raise DivergenceError(error.split(": ", 1)[1]) from None
         raise
     finally:
         finish_wandb(failed=sys.exc_info()[0] is not None)
@@ -211,6 +260,14 @@ def _train(cfg: DictConfig, run_dir: Path, fingerprint: str, state: dict) -> dic
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     datamodule.batches_per_step = model.batches_per_step  # for an exact mid-epoch resume
+    classes, labelled = model.num_classes, getattr(datamodule, "num_classes", 0)
+    if classes and classes != labelled:  # before anything starts, not an IndexError later
+        has = f"has {labelled} classes" if labelled else "has no labels (data.num_classes=0)"
+        raise ValueError(
+            f"model.num_classes={classes} but the data {has}: set "
+            "'model.num_classes=${data.num_classes}'"
+            + (" or train an unconditional model (model.num_classes=0)" if not labelled else "")
+        )
     model.set_guidance(build_guidance(cfg.get("guidance")))  # grids and evaluation sample guided
     marks: dict = {}  # step at which fitting started (non-zero when resuming), for images/s
     mark = L.pytorch.callbacks.LambdaCallback(
@@ -218,8 +275,9 @@ def _train(cfg: DictConfig, run_dir: Path, fingerprint: str, state: dict) -> dic
     )
     clip, strategy = cfg.trainer.get("gradient_clip_val"), cfg.trainer.get("strategy", "auto")
     if not model.automatic_optimization:
-        # Lightning cannot clip for manual optimisation: the family clips with the setting
-        model.gradient_clip_val, clip = clip, None
+        # Lightning cannot clip under manual optimisation: such a family clips by its own
+        # setting (a GAN's model.gradient_clip_val, off by default as in the papers)
+        clip = None
         # alternating updates (a GAN's D and G steps) leave one network without gradients in
         # each backward pass, which DDP must be told about
         if strategy == "ddp":
@@ -253,13 +311,16 @@ def _train(cfg: DictConfig, run_dir: Path, fingerprint: str, state: dict) -> dic
         write_summary(run_dir, summary, merge=False)
         state["summary_begun"] = True
     start = time.time()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    with preemption.preemptible(trainer):  # SIGTERM / Ctrl-C: last.ckpt at the step, then exit
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    evaluation = evaluation_callback(trainer)
+    if evaluation is not None:  # the final evaluation, if a kill interrupted it before
+        evaluation.finish(trainer, model)
     fit_end = time.time()
     wall = fit_end - start
     if not trainer.is_global_zero:
         return summary
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    evaluation = evaluation_callback(trainer)
     result = evaluation.latest if evaluation is not None else None
     if result is not None:
         metrics.update(result["metrics"])
@@ -277,13 +338,20 @@ def _train(cfg: DictConfig, run_dir: Path, fingerprint: str, state: dict) -> dic
             "epochs": trainer.current_epoch,
             "wall_time_s": wall,
             "eval_time_s": eval_time,
+            "train_time_s": fit_time,
+            # every batch a step consumed (a GAN's n_critic discriminator batches)
             "train_images_per_s": steps_done
+            * model.batches_per_step
             * datamodule.batch_size
             * trainer.world_size
             / max(fit_time, 1e-9),
             "checkpoint": "checkpoints/last.ckpt",
         }
     )
+    skipped = {split: n for split, n in getattr(datamodule, "unreadable", {}).items() if n}
+    if skipped:  # the warning went to stderr when the files were decoded; keep the count
+        summary["unreadable_files"] = skipped
+        log.warning("%s: unreadable image files skipped: %s", run_dir, skipped)
     write_summary(run_dir, summary, merge=False)
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger):
@@ -308,6 +376,7 @@ def objective(cfg: DictConfig, summary: dict) -> float | None:
 def main(cfg: DictConfig) -> float | None:
     """In a sweep (-m), a job that fails is recorded (summary.json: status "failed" and its
     error) and the sweep goes on; the sweep's callback reports the failures at its end."""
+    profile.machine_defaults(cfg, _overrides(), _choices())
     if sweep_dir() is None:
         return objective(cfg, train(cfg))
     try:

@@ -4,10 +4,15 @@
 Every ``every_n_steps`` training steps and at the end of training, on rank 0, the callback
 evaluates the family (FID / KID / IS / precision-recall through torch-fidelity, bits/dim,
 sampling cost, optionally CLIP score), logs ``val/*`` to every logger at the current step,
-appends ``{"step", "metrics", "protocol"}`` to ``<run>/evaluations.jsonl`` and keeps the last
-result in ``latest`` for ``summary.json``. Missing Inception / CLIP weights give one warning
-and are recorded under ``protocol.not_computed``; the run goes on. Configured by the
-``metrics`` config group (``conf/metrics/*.yaml``), attached in ``conf/callbacks``.
+records ``{"step", "metrics", "protocol"}`` in ``<run>/evaluations.jsonl`` and keeps the last
+result in ``latest`` for ``summary.json``. The file holds each step once, whatever a kill did
+to the run: a row replaces any at its step or later (those steps are being trained again after
+a resume from an earlier checkpoint), the file is rewritten atomically, and an evaluation that
+a kill or a stop signal interrupted is run again when the run resumes at its step
+(``on_train_start``, and ``finish`` after ``fit`` for the final one). Missing Inception / CLIP
+weights give one warning and are recorded under ``protocol.not_computed``; the run goes on.
+Configured by the ``metrics`` config group (``conf/metrics/*.yaml``), attached in
+``conf/callbacks``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from genlab.callbacks.periodic import PeriodicCallback
 from genlab.evaluation import evaluate_model
 from genlab.metrics.evaluator import Evaluator
+from genlab.runs import atomic_write_text
 
 log = logging.getLogger("genlab")
 
@@ -50,8 +56,9 @@ class Evaluation(PeriodicCallback):
                 logger.experiment.config.update(
                     {"eval_protocol": result["protocol"]}, allow_val_change=True
                 )
-        with open(Path(trainer.default_root_dir) / "evaluations.jsonl", "a") as f:
-            f.write(json.dumps(result, default=str) + "\n")
+        kept = [row for row in self.recorded(trainer) if row["step"] < step]
+        lines = [json.dumps(row, default=str) + "\n" for row in [*kept, result]]
+        atomic_write_text(self._path(trainer), "".join(lines))
         shown = ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items())
         log.info("evaluation at step %d (%.1f s): %s", step, result["time_s"], shown)
         self.time_s += result["time_s"]
@@ -60,3 +67,42 @@ class Evaluation(PeriodicCallback):
 
     def fire(self, trainer, pl_module):
         self.run(trainer, pl_module)
+
+    @staticmethod
+    def _path(trainer: L.Trainer) -> Path:
+        return Path(trainer.default_root_dir) / "evaluations.jsonl"
+
+    def recorded(self, trainer: L.Trainer) -> list[dict]:
+        """The rows of evaluations.jsonl (a line cut short by a kill is skipped)."""
+        path, rows = self._path(trainer), []
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+        return rows
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        step = trainer.global_step
+        return all(row["step"] != step for row in self.recorded(trainer))
+
+    def on_train_start(self, trainer, pl_module):
+        # resumed at a step whose evaluation a kill or a signal interrupted: run it now
+        step, every = trainer.global_step, self.every_n_steps
+        if step > 0 and every > 0 and step % every == 0 and self._due(trainer):
+            self._fire_once(trainer, pl_module)
+
+    def finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After ``fit``: the final evaluation, when the fit loop did not run it (a run killed
+        during its final evaluation resumes at its last step, where the loop has nothing left
+        to do); one recorded at that step before the kill is taken as it is."""
+        step = trainer.global_step
+        if not self.at_end or step == 0 or (self.latest or {}).get("step") == step:
+            return
+        row = next((r for r in self.recorded(trainer) if r["step"] == step), None)
+        if row is not None:
+            self.latest = row
+        else:
+            self._fire_once(trainer, pl_module)

@@ -110,6 +110,9 @@ class ImageDataModule(L.LightningDataModule):
         num_classes = self.geometry["num_classes"] if num_classes is None else num_classes
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"data.{key} must be a positive integer, got {value!r}")
         self.root = Path(os.path.expanduser(root)) if root else Path("data")
         self.image_size = int(image_size)
         self.channels = int(channels)
@@ -128,6 +131,7 @@ class ImageDataModule(L.LightningDataModule):
         self.batches_per_step = 1
         self._splits: dict[str, TensorDataset] = {}
         self._grey: dict[str, TensorDataset] = {}  # 8-bit splits behind binarised ones
+        self.unreadable: dict[str, int] = {}  # image files skipped per split (kept in the cache)
 
     # --------------------------------------------------------------- to implement
     def read_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,6 +173,7 @@ class ImageDataModule(L.LightningDataModule):
         if path is not None and path.exists():
             blob = torch.load(path, weights_only=True)
             images, labels = blob["images"], blob["labels"]
+            self.unreadable[split] = int(blob.get("unreadable", 0))
         else:
             images, labels = self.read_split(split)
             images = readers.resize_uint8(
@@ -176,7 +181,8 @@ class ImageDataModule(L.LightningDataModule):
             )
             labels = labels.long()
             if path is not None:
-                atomic_torch_save({"images": images, "labels": labels}, path)
+                blob = {"images": images, "labels": labels}
+                atomic_torch_save({**blob, "unreadable": self.unreadable.get(split, 0)}, path)
         self._check(images, labels, split)
         if self.binarize:
             self._grey[split] = TensorDataset(images, labels)
@@ -317,6 +323,7 @@ class FolderDataModule(ImageDataModule):
             "crop": self.crop,
             "val_fraction": self.val_fraction,
             "files": readers.files_signature(self._files()),
+            "decoder": readers.DECODER,  # a cache decoded by an older decoder is not reused
         }
 
     def labels_for(self, files: list[Path]) -> torch.Tensor:
@@ -342,6 +349,7 @@ class FolderDataModule(ImageDataModule):
         images, kept = readers.decode_images(
             files, self.image_size, self.crop, self.channels, desc=f"{self.name}/{split}"
         )
+        self.unreadable[split] = len(files) - len(kept)
         return images, self.labels_for([files[i] for i in kept])
 
 

@@ -12,6 +12,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -113,11 +114,32 @@ def files_signature(files: list[Path]) -> str:
     return f"{len(files)}-{size}-{mtime}"
 
 
+#: what ``_decode`` does to a file, part of the decoded cache's key
+DECODER = "pil, 16-bit scaled, alpha over white, centre crop, bicubic"
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer images scaled to 8 bits (Pillow's ``convert`` clips them,
+    so a 16-bit grey PNG would come out white); images with transparency composited over
+    white (``convert`` would drop the alpha and show whatever colour transparent pixels
+    hold)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = torch.from_numpy(np.asarray(img, dtype=np.int64))
+        peak = 65535 if img.mode.startswith("I;16") or int(values.max()) > 255 else 255
+        grey = (values.clamp(0, peak) * 255 + peak // 2) // peak  # rounded
+        return Image.fromarray(grey.to(torch.uint8).numpy(), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img
+
+
 def _decode(path: Path, size: int, crop: float, channels: int) -> torch.Tensor | str:
-    """Decode one file: centre square crop of side crop * min(W, H), resize to size x size."""
+    """Decode one file (``to_8bit``): centre square crop of side crop * min(W, H), resize to
+    size x size."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB" if channels == 3 else "L")
+            img = to_8bit(img).convert("RGB" if channels == 3 else "L")
             w, h = img.size
             side = max(1, round(crop * min(w, h)))
             left, top = (w - side) // 2, (h - side) // 2

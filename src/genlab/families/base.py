@@ -14,12 +14,17 @@ The capabilities callers may rely on are the Protocols of ``genlab.families.cont
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import lightning as L
 import torch
 from torch import nn
+
+from genlab.families.optim_state import adopt_configured
+
+log = logging.getLogger("genlab")
 
 
 def rng_state() -> dict:
@@ -71,6 +76,7 @@ class FamilyModule(L.LightningModule):
         self.ema = None
         self.guidance = None
         self._pending_rng: dict | None = None
+        self._resumed = False  # a checkpoint was loaded: on_train_start adopts the config's
         self._ema_in = False  # the EMA weights are swapped in (ema_weights is re-entrant)
 
     # ------------------------------------------------------------------ checkpoints
@@ -79,11 +85,16 @@ class FamilyModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._pending_rng = checkpoint.get("rng_state")
+        self._resumed = True
 
     def on_train_start(self) -> None:
         if self._pending_rng is not None:
             set_rng_state(self._pending_rng)
             self._pending_rng = None
+        if self._resumed:  # the config's lr, weight decay, schedule win
+            self._resumed = False
+            for change in adopt_configured(self):
+                log.info("resumed with the configured optimizer settings: %s", change)
 
     # ------------------------------------------------------------------ optimisation
     def trainable_parameters(self) -> Iterable[nn.Parameter]:

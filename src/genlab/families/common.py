@@ -16,8 +16,7 @@ def check_finite(name: str, value: torch.Tensor, step: int) -> None:
     if not bool(torch.isfinite(value).all()):
         raise DivergenceError(
             f"{name} is {value.item() if value.numel() == 1 else 'non-finite'} at step {step}: "
-            "training diverged. Lower the learning rate or enable gradient clipping "
-            "(trainer.gradient_clip_val), then resume with ckpt_path=<run>/checkpoints/last.ckpt."
+            "training diverged"  # genlab.train adds the command that resumes it
         )
 
 

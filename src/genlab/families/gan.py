@@ -62,6 +62,8 @@ class GANModule(GenerativeModule):
     ema_decay: EMA of G for sampling and evaluation (0: off). num_classes: > 0 conditional.
     diffaugment: DiffAugment policy, e.g. "color,translation,cutout" (None: off).
     truncation: default truncation of z at sampling (None: off). sample_batch_size.
+    gradient_clip_val: clip each network's gradient norm to this before its step (None: off,
+    as in the GAN papers; Lightning cannot clip under manual optimisation, so the family does).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class GANModule(GenerativeModule):
         diffaugment: str | None = None,
         truncation: float | None = None,
         sample_batch_size: int = 256,
+        gradient_clip_val: float | None = None,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -98,7 +101,7 @@ class GANModule(GenerativeModule):
         self.truncation = truncation
         self.sample_batch_size = sample_batch_size
         self.z_dim = int(generator.z_dim)
-        self.gradient_clip_val: float | None = None  # set by train() from trainer config
+        self.gradient_clip_val = float(gradient_clip_val) if gradient_clip_val else None
         self.batches_per_step = self.n_critic  # data batches per global step
         # discriminator steps taken: decides when the generator steps; in the state dict so
         # a resumed run keeps the D/G rhythm
