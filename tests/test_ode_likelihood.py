@@ -369,3 +369,24 @@ def test_calls_grid_grad_mode_and_protocol():
     assert "probes" not in protocol(FRAMES["edm"], num_dims=16)
     assert protocol(FRAMES["flow"], num_dims=3 * 32 * 32)["divergence"] == "hutchinson"
     assert protocol(FRAMES["flow"])["divergence"].startswith("auto")
+
+
+def test_bpd_ode_is_reported_next_to_ddpms_bound_and_is_edms_own(tiny_cfg, tmp_path):
+    """metrics=[bpd, bpd_ode]: a DDPM run reports its variational bound (val/bpd) and the ODE
+    likelihood (val/bpd_ode) with their own protocols; an EDM run's bits/dim is the ODE's
+    already, reported once and copied."""
+    from genlab.train import train
+
+    ddpm = train(tiny_cfg("metrics.metrics=[bpd,bpd_ode]", "~callbacks.sample_grid"))
+    protocol = ddpm["evaluation"]["protocol"]
+    assert "variational bound" in protocol["bpd"]["estimator"]
+    assert protocol["bpd_ode"]["estimator"] == "probability-flow ODE"
+    assert protocol["bpd_ode"]["steps"] == 4  # tiny_cfg's ode_steps
+    bound, ode = ddpm["metrics"]["val/bpd"], ddpm["metrics"]["val/bpd_ode"]
+    assert math.isfinite(bound) and math.isfinite(ode) and bound != ode
+
+    cfg = tiny_cfg("model=edm", "metrics.metrics=[bpd,bpd_ode]", "~callbacks.sample_grid")
+    cfg.paths.output_dir = str(tmp_path / "edm")
+    edm = train(cfg)
+    assert edm["metrics"]["val/bpd_ode"] == edm["metrics"]["val/bpd"]
+    assert edm["evaluation"]["protocol"]["bpd_ode"] == edm["evaluation"]["protocol"]["bpd"]

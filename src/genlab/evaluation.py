@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from genlab.data.convert import to_model, to_uint8
-from genlab.families.contract import Generative, Likelihood
+from genlab.families.contract import Generative, Likelihood, ODELikelihood
 from genlab.metrics.evaluator import Evaluator
 from genlab.metrics.likelihood import CONVENTION
 from genlab.metrics.protocol import count_rows
@@ -56,18 +56,19 @@ def sample_chunks(model, n: int, ev: Evaluator, stats: dict) -> Iterator[torch.T
 
 
 @torch.no_grad()
-def bits_per_dim(model, datamodule, ev: Evaluator) -> tuple[float, dict]:
-    """Mean bits/dim of the first ``ev.bpd_images`` validation images, and how."""
+def bits_per_dim(model, datamodule, ev: Evaluator, ode: bool = False) -> tuple[float, dict]:
+    """Mean bits/dim of the first ``ev.bpd_images`` validation images, and how: the model's
+    own ``bits_per_dim``, or (``ode``) its probability-flow ODE likelihood."""
     images = datamodule.load_split("val").tensors[0][: ev.bpd_images]
     x = to_model(images).to(model.device)
     generator = torch.Generator().manual_seed(ev.seed)
     starts = range(0, len(x), ev.bpd_batch_size)
-    bar = tqdm(starts, desc="eval: bits/dim", leave=False, disable=not ev.progress)
-    bpd = torch.cat(
-        [model.bits_per_dim(x[i : i + ev.bpd_batch_size], generator=generator).cpu() for i in bar]
-    )
+    name = "bits/dim (ODE)" if ode else "bits/dim"
+    bar = tqdm(starts, desc=f"eval: {name}", leave=False, disable=not ev.progress)
+    fn = model.ode_bits_per_dim if ode else model.bits_per_dim
+    bpd = torch.cat([fn(x[i : i + ev.bpd_batch_size], generator=generator).cpu() for i in bar])
     protocol = {"images": len(x), "split": "val", "convention": CONVENTION}
-    protocol.update(model.bpd_protocol())
+    protocol.update(model.ode_protocol() if ode else model.bpd_protocol())
     value = bpd.mean().item()
     if not math.isfinite(value):
         log.warning("bits/dim is not finite (%s)", value)
@@ -125,6 +126,11 @@ def evaluate_model(
     )
     if "bpd" in ev.metrics and isinstance(model, Likelihood):
         metrics["bpd"], protocol["bpd"] = bits_per_dim(model, datamodule, ev)
+    if "bpd_ode" in ev.metrics and isinstance(model, ODELikelihood):
+        if "bpd" in metrics and model.bpd_protocol() == model.ode_protocol():  # EDM, flow
+            metrics["bpd_ode"], protocol["bpd_ode"] = metrics["bpd"], protocol["bpd"]
+        else:  # DDPM: the ODE next to its variational bound
+            metrics["bpd_ode"], protocol["bpd_ode"] = bits_per_dim(model, datamodule, ev, ode=True)
     protocol["not_computed"] = not_computed
     return {f"val/{k}": v for k, v in metrics.items()}, protocol
 

@@ -59,6 +59,21 @@ class Likelihood(Protocol):
 
 
 @runtime_checkable
+class ODELikelihood(Protocol):
+    """Bits/dim by the probability-flow ODE of a denoising model, in the convention of
+    ``Likelihood`` (``genlab.diffusion.ode_likelihood``, uniform dequantisation): the
+    ``val/bpd_ode`` metric, next to a variational bound where the family reports one as its
+    ``bits_per_dim`` (DDPM). ``ode_protocol()`` says how."""
+
+    def ode_bits_per_dim(
+        self, x: torch.Tensor, y: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor: ...  # fmt: skip
+
+    def ode_protocol(self) -> dict: ...
+
+
+@runtime_checkable
 class Denoising(Protocol):
     """A denoiser in the shared sigma frame and its noise process: ``denoiser(y, use_ema)``
     returns ``denoise(x, sigma) -> x0_hat`` (what every sampler calls and guidance wraps), and
@@ -110,6 +125,7 @@ __all__ = [
     "Encoding",
     "Generative",
     "Latent",
+    "ODELikelihood",
     "Likelihood",
     "Reconstructing",
 ]

@@ -167,7 +167,7 @@ class DenoisingModule(GenerativeModule):
     def denoiser(self, y: torch.Tensor | None = None, use_ema: bool = True) -> Denoiser:
         raise NotImplementedError
 
-    def bits_per_dim(
+    def ode_bits_per_dim(
         self,
         x: torch.Tensor,
         y: torch.Tensor | None = None,
@@ -185,8 +185,12 @@ class DenoisingModule(GenerativeModule):
                 denoise, x.to(self.device), self.frame, generator=generator, **self.ode
             )
 
-    def bpd_protocol(self) -> dict:
+    def ode_protocol(self) -> dict:
         return ode_likelihood.protocol(self.frame, num_dims=math.prod(self.image_shape), **self.ode)
+
+    # a family's own likelihood: the ODE's unless it has a bound of its own (DDPM's)
+    bits_per_dim = ode_bits_per_dim
+    bpd_protocol = ode_protocol
 
     def draw(self, m, y, generator, *, noise, index, n, progress, steps=None):
         """One chunk: unit noise from ``generator`` (the sampler scales it to the prior), then

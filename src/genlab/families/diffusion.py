@@ -67,9 +67,13 @@ class DiffusionModule(DenoisingModule):
         sample_batch_size: int = 256,
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
+        ode_steps: int = 64,
+        ode_divergence: str = "hutchinson",
+        ode_probes: int = 1,
     ):
         super().__init__(net, image_shape, optimizer, lr_scheduler, ema_decay, num_classes,
-                         cond_drop_prob, sampler or ddim, sample_batch_size)  # fmt: skip
+                         cond_drop_prob, sampler or ddim, sample_batch_size, ode_steps,
+                         ode_divergence, ode_probes)  # fmt: skip
         if prediction not in process.PREDICTIONS:
             raise ValueError(f"prediction must be one of {process.PREDICTIONS}, got {prediction!r}")
         self.prediction = prediction

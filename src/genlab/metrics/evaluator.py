@@ -31,7 +31,7 @@ from genlab.metrics.fidelity import fidelity_metrics
 
 log = logging.getLogger("genlab")
 
-METRICS = ("fid", "kid", "is", "pr", "bpd", "cost", "clip")
+METRICS = ("fid", "kid", "is", "pr", "bpd", "bpd_ode", "cost", "clip")
 FIDELITY = ("fid", "kid", "is", "pr")
 
 
