@@ -11,10 +11,10 @@ Stages, each skipped when its output exists (so a killed benchmark resumes where
   UNet, data, ``--minutes`` of training each (the presets' ``trainer.max_time``), one after
   the other, with in-training evaluation switched off (``metrics=none``) so the minutes are
   all training.
-- ``ddpm``: the DDPM checkpoint with DDIM and DPM-Solver++(2M) at NFE 5 / 10 / 20 / 50 and
-  UniPC at 5 / 10 / 20, the fast solvers with x0 clipped to [-1, 1] as DDIM does
-  (``clip_x0``), at their default spacing (DDIM: uniform time; the others: Karras rho = 7).
-  ``--all`` adds UniPC at 50, Euler and Heun, and DPM-Solver++ at uniform time and log-SNR.
+- ``ddpm``: the DDPM checkpoint with DDIM and DPM-Solver++(2M) at NFE 5 / 10 / 20 / 50,
+  DPM-Solver++ also at uniform time and uniform log-SNR spacing and UniPC at 5 / 10 / 20, the
+  fast solvers with x0 clipped to [-1, 1] as DDIM does (``clip_x0``; spacing by default:
+  DDIM uniform time, the others Karras rho = 7). ``--all`` adds UniPC at 50, Euler and Heun.
 - ``edm`` / ``flow``: the EDM run (Heun, DPM-Solver++) and the flow run (Euler, Heun) at NFE
   5 / 10 / 20; ``--all`` adds EDM Heun at 50 and Euler, flow Euler at 50, midpoint and
   DPM-Solver++.
@@ -105,13 +105,8 @@ def main() -> None:
         run = root / "ddpm"
         evaluate(run, a.n, full, "ddim")
         evaluate(run, a.n, full, "dpmpp_2m", "clip_x0=true")
-        evaluate(run, a.n, short, "unipc", "clip_x0=true")
-        if a.all:
-            evaluate(run, a.n, full, "unipc", "clip_x0=true")
-            evaluate(run, a.n, short, "dpmpp_2m", "clip_x0=true", "spacing=time")
-            evaluate(run, a.n, short, "dpmpp_2m", "clip_x0=true", "spacing=log_snr")
-            evaluate(run, a.n, full, "euler", "clip_x0=true")
-            evaluate(run, a.n, full, "heun", "clip_x0=true")
+        evaluate(run, a.n, short, "dpmpp_2m", "clip_x0=true", "spacing=time")
+        evaluate(run, a.n, short, "dpmpp_2m", "clip_x0=true", "spacing=log_snr")
     if "edm" in stages:
         run = root / "edm"
         evaluate(run, a.n, short, "heun")
@@ -127,6 +122,13 @@ def main() -> None:
             evaluate(run, a.n, full, "euler")
             evaluate(run, a.n, short, "midpoint")
             evaluate(run, a.n, short, "dpmpp_2m")
+    if "ddpm" in stages:
+        run = root / "ddpm"
+        evaluate(run, a.n, short, "unipc", "clip_x0=true")
+        if a.all:
+            evaluate(run, a.n, full, "unipc", "clip_x0=true")
+            evaluate(run, a.n, full, "euler", "clip_x0=true")
+            evaluate(run, a.n, full, "heun", "clip_x0=true")
     if "reflow" in stages:
         flow, rf = root / "flow", root / "flow" / "reflow"
         if not (rf / "checkpoints" / "last.ckpt").is_file():

@@ -43,7 +43,7 @@ from .conftest import REPO, TINY, compose_cfg
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 COMMAND = re.compile(r"\bpython3? -m genlab\b")
-HYDRA_APPS = {"genlab", "genlab.sample", "genlab.evaluate", "genlab.dashboard"}
+HYDRA_APPS = {"genlab", "genlab.sample", "genlab.evaluate", "genlab.dashboard", "genlab.reflow"}
 # The allow-list: modules whose commands are not run here, and why. Both are plain key=value
 # scripts, not Hydra apps (no --cfg job: any run trains for minutes). Their arguments are
 # still checked against the keys their docstring's usage line names.
@@ -143,7 +143,8 @@ def places(tmp_path_factory) -> dict[str, str]:
     torch.save({"images": images}, root / "images.pt")
     np.savez(root / "images.npz", images.numpy())
     (root / "data").mkdir()
-    runs = {"run", "any run", "diffusion run", "diffusion_cond run", "gan or vae run"}
+    # (a flow run's commands are composed, not run: the diffusion run stands in)
+    runs = {"run", "any run", "diffusion run", "diffusion_cond run", "gan or vae run", "flow run"}
     return {
         **{name: str(run) for name in runs | {"vqvae run"}},
         "sweep": str(run.parent),  # a folder of runs, as a sweep is
