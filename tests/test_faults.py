@@ -5,6 +5,7 @@ run of another config; the data's location is part of a run's identity."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -126,4 +127,20 @@ def test_a_conditional_model_that_does_not_match_the_data_is_refused_at_once(
     message = str(err.value)
     assert says in message and "model.num_classes=${data.num_classes}" in message
     assert "\n" not in message
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("trainer.max_steps=abc", "trainer.max_steps must be an integer (or null), got 'abc'"),
+        ("trainer.val_check_interval=often", "trainer.val_check_interval must be a number"),
+        ("trainer.max_epochs=1.5", "trainer.max_epochs must be an integer (or null), got 1.5"),
+    ],
+)
+def test_a_trainer_key_of_the_wrong_type_names_the_key(tiny_cfg, override, says):
+    """Was Lightning's "TypeError: '<' not supported ..." after the trainer started."""
+    cfg = tiny_cfg(override)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        train(cfg)
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()

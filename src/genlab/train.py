@@ -65,6 +65,23 @@ def _overrides() -> list[str]:
         return []
 
 
+# Trainer keys of one type, checked before anything starts (Lightning's own errors for them
+# come late and do not name the key: max_steps=abc gives "'<' not supported ...")
+INT_KEYS = ("max_steps", "max_epochs", "log_every_n_steps", "accumulate_grad_batches",
+            "num_sanity_val_steps", "check_val_every_n_epoch")  # fmt: skip
+NUMBER_KEYS = ("val_check_interval", "limit_val_batches", "gradient_clip_val")
+
+
+def check_trainer_types(trainer: DictConfig) -> None:
+    for key in (*INT_KEYS, *NUMBER_KEYS):
+        value = trainer.get(key)
+        kind = int if key in INT_KEYS else (int, float)
+        if value is None or (isinstance(value, kind) and not isinstance(value, bool)):
+            continue
+        what = "an integer" if key in INT_KEYS else "a number"
+        raise ValueError(f"trainer.{key} must be {what} (or null), got {value!r}")
+
+
 def divergence_advice(cfg: DictConfig, run_dir: Path) -> str:
     """The command that resumes a diverged run from its last checkpoint with a quarter of its
     learning rate (which takes effect on resume: ``families.optim_state``), into a new run
@@ -273,6 +290,7 @@ def _train(cfg: DictConfig, run_dir: Path, fingerprint: str, state: dict) -> dic
     mark = L.pytorch.callbacks.LambdaCallback(
         on_train_start=lambda tr, pl: marks.update(step=tr.global_step, time=time.time())
     )
+    check_trainer_types(cfg.trainer)
     clip, strategy = cfg.trainer.get("gradient_clip_val"), cfg.trainer.get("strategy", "auto")
     if not model.automatic_optimization:
         # Lightning cannot clip under manual optimisation: such a family clips by its own
