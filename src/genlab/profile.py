@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from genlab.runs import atomic_write_text
+from genlab.runs import save_config
 from genlab.utils import CONF_DIR
 
 log = logging.getLogger("genlab")
@@ -82,8 +82,8 @@ def apply(cfg: DictConfig, overrides: list[str], choices: dict) -> list[str]:
 
 
 def describe(profile: str, applied: list[str]) -> str:
-    """The one line logged at start."""
-    where = "no GPU found" if profile == "cpu" else "a GPU found"
+    """The one line logged at start (a forced profile says so: not what the machine has)."""
+    where = "a GPU found" if torch.cuda.is_available() else "no GPU found"
     return (
         f"{where}: profile={profile} sets {' '.join(applied)} (overrides win; profile=off "
         "for the full-size defaults)"
@@ -97,8 +97,6 @@ def machine_defaults(cfg: DictConfig, overrides: list[str], choices: dict) -> li
     applied = apply(cfg, overrides, choices)
     if applied:
         log.info(describe(cfg.profile, applied))
-        saved = Path(cfg.paths.output_dir) / ".hydra" / "config.yaml"
-        if saved.parent.is_dir():
-            plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-            atomic_write_text(saved, OmegaConf.to_yaml(plain))
+        if (Path(cfg.paths.output_dir) / ".hydra").is_dir():  # Hydra wrote it before the change
+            save_config(cfg, cfg.paths.output_dir)
     return applied

@@ -86,6 +86,13 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def save_config(cfg: DictConfig, run_dir: str | Path) -> Path:
+    """``<run>/.hydra/config.yaml``, the config sample, evaluate and a resume read: ``cfg``
+    without its ``hydra`` node, as Hydra writes it, atomically."""
+    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return atomic_write_text(Path(run_dir) / ".hydra" / "config.yaml", OmegaConf.to_yaml(plain))
+
+
 # ------------------------------------------------------------------ summary.json
 UNREADABLE = "cannot be read"
 

@@ -27,7 +27,7 @@ from genlab.callbacks.csv_log import ResumableCSVLogger
 from genlab.callbacks.evaluation import Evaluation
 from genlab.families.common import DivergenceError
 from genlab.guidance import build_guidance
-from genlab.runs import read_summary, remove_stale_temporaries, write_summary
+from genlab.runs import read_summary, remove_stale_temporaries, save_config, write_summary
 from genlab.utils import CONF_DIR, sweep_dir, wandb_mode
 
 log = logging.getLogger("genlab")
@@ -196,9 +196,7 @@ def train(cfg: DictConfig) -> dict:
         log.info("%s: already completed, skipped (skip_completed=false to train again)", run_dir)
         return earlier
     if not (run_dir / ".hydra" / "config.yaml").exists():  # called outside the Hydra CLI
-        (run_dir / ".hydra").mkdir(exist_ok=True)
-        plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-        OmegaConf.save(plain, run_dir / ".hydra" / "config.yaml")
+        save_config(cfg, run_dir)
     for stale in remove_stale_temporaries(run_dir / "checkpoints"):  # from a killed writer
         log.info("removed %s (an unfinished checkpoint write)", stale)
     if cfg.get("ckpt_path") is None and same and last.exists():

@@ -84,15 +84,12 @@ class Evaluation(PeriodicCallback):
                 rows.append(row)
         return rows
 
-    def _due(self, trainer: L.Trainer) -> bool:
-        step = trainer.global_step
-        return all(row["step"] != step for row in self.recorded(trainer))
-
     def on_train_start(self, trainer, pl_module):
         # resumed at a step whose evaluation a kill or a signal interrupted: run it now
         step, every = trainer.global_step, self.every_n_steps
-        if step > 0 and every > 0 and step % every == 0 and self._due(trainer):
-            self._fire_once(trainer, pl_module)
+        if step > 0 and every > 0 and step % every == 0:
+            if all(row["step"] != step for row in self.recorded(trainer)):
+                self._fire_once(trainer, pl_module)
 
     def finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After ``fit``: the final evaluation, when the fit loop did not run it (a run killed

@@ -181,8 +181,8 @@ class ImageDataModule(L.LightningDataModule):
             )
             labels = labels.long()
             if path is not None:
-                blob = {"images": images, "labels": labels}
-                atomic_torch_save({**blob, "unreadable": self.unreadable.get(split, 0)}, path)
+                skipped = self.unreadable.get(split, 0)
+                atomic_torch_save({"images": images, "labels": labels, "unreadable": skipped}, path)
         self._check(images, labels, split)
         if self.binarize:
             self._grey[split] = TensorDataset(images, labels)

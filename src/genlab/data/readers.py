@@ -124,10 +124,10 @@ def to_8bit(img: Image.Image) -> Image.Image:
     white (``convert`` would drop the alpha and show whatever colour transparent pixels
     hold)."""
     if img.mode.startswith("I;16") or img.mode == "I":
-        values = torch.from_numpy(np.asarray(img, dtype=np.int64))
-        peak = 65535 if img.mode.startswith("I;16") or int(values.max()) > 255 else 255
-        grey = (values.clamp(0, peak) * 255 + peak // 2) // peak  # rounded
-        return Image.fromarray(grey.to(torch.uint8).numpy(), mode="L")
+        values = np.asarray(img, dtype=np.int64)
+        peak = 65535 if img.mode.startswith("I;16") or values.max() > 255 else 255
+        grey = (values.clip(0, peak) * 255 + peak // 2) // peak  # rounded
+        return Image.fromarray(grey.astype(np.uint8), mode="L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
