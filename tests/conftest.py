@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -137,3 +138,61 @@ def run_cli(
             f"STDERR:\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+# Runs command jobs in one process that imports genlab once and forks a child per job; each
+# child runs its module with runpy exactly as `python -m` does, with its own stdout, stderr,
+# exit code and environment changes.
+RUNNER = r"""
+import importlib, json, os, runpy, signal, sys, traceback, warnings
+warnings.filterwarnings("ignore", message=".*found in sys.modules.*", category=RuntimeWarning)
+jobs, logs, out = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
+for module in sorted({job[0] for job in jobs}):
+    importlib.import_module(module + ".__main__" if module == "genlab" else module)
+codes = []
+for i, (module, args, *env) in enumerate(jobs):
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.environ.update(env[0] if env else {})
+        for fd, name in ((1, "out"), (2, "err")):
+            os.dup2(os.open(f"{logs}/{i}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        signal.alarm(120)
+        sys.argv, code = [module, *args], 0
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(code)
+    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+json.dump(codes, open(out, "w"))
+"""
+
+
+def run_cli_jobs(
+    jobs: list, work: Path, cwd: Path | str, env: dict | None = None, timeout: int = 900
+) -> list[dict]:
+    """``python -m <module> <args>`` for each job ``(module, args)`` or ``(module, args, env)``
+    (W&B offline), forked from one process: ``[{"rc", "out", "err"}]`` in job order."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "jobs.json").write_text(json.dumps([list(job) for job in jobs]))
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    subprocess.run(
+        [sys.executable, "-c", RUNNER, str(work / "jobs.json"), str(work), str(work / "rc")],
+        cwd=cwd,
+        env=full_env,
+        check=True,
+        timeout=timeout,
+    )
+    codes = json.loads((work / "rc").read_text())
+    return [
+        {"rc": rc, "out": (work / f"{i}.out").read_text(), "err": (work / f"{i}.err").read_text()}
+        for i, rc in enumerate(codes)
+    ]

@@ -21,12 +21,8 @@ import ast
 import importlib.util
 import inspect
 import itertools
-import json
-import os
 import re
 import shlex
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +35,7 @@ from omegaconf import OmegaConf
 
 from genlab.train import train
 
-from .conftest import REPO, TINY, compose_cfg
+from .conftest import REPO, TINY, compose_cfg, run_cli_jobs
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 COMMAND = re.compile(r"\bpython3? -m genlab\b")
@@ -215,37 +211,6 @@ def parse(text: str, places: dict[str, str]) -> tuple[str, list[list[str]]]:
     return module, [[*job, "--cfg", "job"] for job in itertools.product(*choices)]
 
 
-RUNNER = r"""
-import importlib, json, os, runpy, signal, sys, traceback, warnings
-warnings.filterwarnings("ignore", message=".*found in sys.modules.*", category=RuntimeWarning)
-jobs, logs, out = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
-for module in sorted({m for m, _ in jobs}):
-    importlib.import_module(module + ".__main__" if module == "genlab" else module)
-codes = []
-for i, (module, args) in enumerate(jobs):
-    sys.stdout.flush(); sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        for fd, name in ((1, "out"), (2, "err")):
-            os.dup2(os.open(f"{logs}/{i}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        signal.alarm(120)
-        sys.argv, code = [module, *args], 0
-        try:
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else int(e.code is not None)
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush(); sys.stderr.flush()
-        os._exit(code)
-    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-json.dump(codes, open(out, "w"))
-"""
-
-
 @pytest.fixture(scope="module")
 def outcomes(places, tmp_path_factory) -> dict[str, list[dict] | str]:
     """For each documented command: its jobs' argv, exit code, stdout and stderr, or why it
@@ -262,24 +227,8 @@ def outcomes(places, tmp_path_factory) -> dict[str, list[dict] | str]:
         if module not in NOT_RUN:
             jobs += [(module, argv) for argv in argvs]
     unique = sorted(set((m, tuple(a)) for m, a in jobs))
-    (work / "jobs.json").write_text(json.dumps(unique))
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
-    subprocess.run(
-        [sys.executable, "-c", RUNNER, str(work / "jobs.json"), str(work), str(work / "rc")],
-        cwd=places["cwd"],
-        env=env,
-        check=True,
-        timeout=900,
-    )
-    codes = json.loads((work / "rc").read_text())
-    done = {
-        job: {
-            "rc": rc,
-            "out": (work / f"{i}.out").read_text(),
-            "err": (work / f"{i}.err").read_text(),
-        }
-        for i, (job, rc) in enumerate(zip(unique, codes))
-    }
+    results = run_cli_jobs(unique, work, cwd=places["cwd"], env={"HYDRA_FULL_ERROR": "1"})
+    done = dict(zip(unique, results))
     for runs in parsed.values():
         for job in runs if isinstance(runs, list) else []:
             if job["module"] not in NOT_RUN:

@@ -156,7 +156,8 @@ def test_sigterm_to_the_cli_exits_143_with_a_checkpoint(tmp_path):
     assert _ckpt_step(run) == summary["global_step"] >= 3
 
 
-@pytest.mark.parametrize("at", [6, 9])
+# 9, the final evaluation, where the resumed fit loop has nothing left to do: slow
+@pytest.mark.parametrize("at", [6, pytest.param(9, marks=pytest.mark.slow)])
 def test_an_interrupted_evaluation_is_redone_and_the_resumed_run_equals_a_straight_one(
     tiny_cfg, tmp_path, monkeypatch, at
 ):

@@ -260,6 +260,7 @@ def test_launcher_and_sweeper_presets_compose(override, target, tmp_path):
     assert node._target_.endswith(target)
 
 
+@pytest.mark.slow  # the Optuna sweeper plugin end to end (about 12 s)
 def test_optuna_sweep_runs_trials_and_returns_the_objective(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     args = [

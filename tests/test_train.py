@@ -242,6 +242,7 @@ def test_cli_run_directory_wandb_offline_and_sample_cli(tmp_path):
     assert out["png"].exists()
 
 
+@pytest.mark.slow  # SIGKILL mid-run (about 15 s); SIGTERM/SIGINT stay fast in test_preemption
 def test_kill_9_then_resume_from_last_checkpoint(tmp_path):
     """SIGKILL mid-run; the atomically written last.ckpt loads and training continues from it."""
     run = tmp_path / "killed"
@@ -291,7 +292,8 @@ def test_kill_9_then_resume_from_last_checkpoint(tmp_path):
     assert summary["global_step"] == step + 2 and summary["resumed_from"].endswith("last.ckpt")
 
 
-@pytest.mark.parametrize("model", ["diffusion", "gan"])
+# the GAN (manual optimisation, find_unused_parameters) is slow: the diffusion one stays fast
+@pytest.mark.parametrize("model", ["diffusion", pytest.param("gan", marks=pytest.mark.slow)])
 def test_ddp_cpu_runs_two_processes(model, tmp_path):
     """Two gloo processes; the GAN's manual, alternating updates need DDP's unused-parameter
     detection, which genlab switches on for manual-optimisation families."""

@@ -44,7 +44,7 @@ from genlab.runs import (
     metric_columns,
     read_curves,
 )
-from genlab.utils import CONF_DIR, UsageError, compose
+from genlab.utils import CONF_DIR, UsageError, compose, reported
 
 COLUMNS = [  # (key, header) of the run fields shown before the metrics
     ("name", "run"),
@@ -474,7 +474,8 @@ def main(argv: list[str]) -> Path:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="dashboard")
 def cli(cfg: DictConfig) -> None:
-    run(cfg)
+    with reported():  # a user error: one line, exit status 1
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from genlab.metrics.common import WeightsNotFoundError
 from genlab.metrics.evaluator import Evaluator
 from genlab.runs import load_model, read_summary, write_summary
 from genlab.sample import device_of
-from genlab.utils import CONF_DIR, UsageError, compose
+from genlab.utils import CONF_DIR, UsageError, compose, reported
 
 USAGE = (
     "usage: python -m genlab.evaluate run_dir=<run> [n=N] [metrics=<preset>] ...\n"
@@ -318,7 +318,8 @@ def main(argv: list[str]) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def cli(cfg: DictConfig) -> None:
-    run(cfg)
+    with reported():  # a user error: one line, exit status 1
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from genlab.runs import save_config
-from genlab.utils import CONF_DIR
+from genlab.utils import CONF_DIR, ConfigError
 
 log = logging.getLogger("genlab")
 
@@ -45,7 +45,7 @@ def apply(cfg: DictConfig, overrides: list[str], choices: dict) -> list[str]:
     profile that applied (``cpu``, ``gpu`` or ``off``)."""
     profile = str(cfg.get("profile", "auto"))
     if profile not in CHOICES:
-        raise ValueError(f"profile={profile} is not one of {', '.join(CHOICES)}")
+        raise ConfigError(f"profile={profile} is not one of {', '.join(CHOICES)}")
     if profile == "auto":
         profile = "gpu" if torch.cuda.is_available() else "cpu"
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}

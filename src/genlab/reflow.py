@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from genlab.callbacks import AtomicCheckpointIO
 from genlab.families.flow import FlowModule
 from genlab.runs import atomic_torch_save, atomic_write_text, load_model, write_summary
-from genlab.utils import CONF_DIR, UsageError, compose
+from genlab.utils import CONF_DIR, UsageError, compose, reported
 
 
 @torch.no_grad()
@@ -106,7 +106,8 @@ def main(argv: list[str]) -> Path:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="reflow")
 def cli(cfg: DictConfig) -> None:
-    run(cfg)
+    with reported():  # a user error: one line, exit status 1
+        run(cfg)
 
 
 if __name__ == "__main__":

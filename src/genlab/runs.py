@@ -24,6 +24,8 @@ from typing import IO, Any, NamedTuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from genlab.utils import UserError, one_line
+
 
 # ------------------------------------------------------------------ atomic writes
 @contextmanager
@@ -150,6 +152,28 @@ def checkpoint_path(run_dir: str | Path, ckpt: str = "last") -> Path:
     return Path(run_dir) / "checkpoints" / f"{ckpt}.ckpt"
 
 
+class CheckpointError(UserError, FileNotFoundError):
+    """A checkpoint that is missing, truncated, corrupt or refused; the message names the file."""
+
+
+def load_checkpoint(path: str | Path, fix: str, mmap: bool = False) -> dict:
+    """``torch.load(path, weights_only=True)`` on the CPU, or one ``CheckpointError`` line
+    naming the file, why it cannot be used and ``fix`` (torch's own message has no path, or
+    runs to many lines). ``mmap=True`` reads only the file's index (a cheap check before
+    anything starts; tensors are read when touched)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found: {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 -- whatever torch rejects, the file is unusable
+        if "Weights only load failed" in str(err):
+            why = "refused: it holds pickled objects other than tensors, which could run code"
+        else:
+            why = f"truncated or corrupt: {one_line(err, 120)}"
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({why}): {fix}") from err
+
+
 def load_model(
     run_dir: str | Path,
     ckpt: str = "last",
@@ -166,8 +190,8 @@ def load_model(
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: run_dir must be a genlab run directory")
     ckpt_path = checkpoint_path(run_dir, ckpt)
-    if not ckpt_path.exists():
-        raise FileNotFoundError(f"checkpoint {ckpt_path} not found (ckpt=last|best|<file>.ckpt)")
+    fix = "choose another with ckpt=last|best|<file>.ckpt"
+    state = load_checkpoint(ckpt_path, fix)
     cfg = OmegaConf.load(config_path)
     if overrides:
         extra = (
@@ -187,7 +211,6 @@ def load_model(
     if build is None:
         from hydra.utils import instantiate as build
     model = build(cfg.model)
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["state_dict"])
     return LoadedRun(model.to(device).eval(), cfg, state.get("global_step"))
 

@@ -28,7 +28,7 @@ from genlab.families.contract import Generative
 from genlab.families.vae import VAEModule
 from genlab.guidance import GuidanceError, build_guidance
 from genlab.runs import load_model
-from genlab.utils import CONF_DIR, UsageError, compose
+from genlab.utils import CONF_DIR, UsageError, compose, reported
 
 
 def device_of(name: str) -> str:
@@ -110,7 +110,8 @@ def main(argv: list[str]) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sample")
 def cli(cfg: DictConfig) -> None:
-    run(cfg)
+    with reported():  # a user error: one line, exit status 1
+        run(cfg)
 
 
 if __name__ == "__main__":

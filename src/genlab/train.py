@@ -27,8 +27,14 @@ from genlab.callbacks.csv_log import ResumableCSVLogger
 from genlab.callbacks.evaluation import Evaluation
 from genlab.families.common import DivergenceError
 from genlab.guidance import build_guidance
-from genlab.runs import read_summary, remove_stale_temporaries, save_config, write_summary
-from genlab.utils import CONF_DIR, sweep_dir, wandb_mode
+from genlab.runs import (
+    load_checkpoint,
+    read_summary,
+    remove_stale_temporaries,
+    save_config,
+    write_summary,
+)
+from genlab.utils import CONF_DIR, ConfigError, UserError, reported, sweep_dir, wandb_mode
 
 log = logging.getLogger("genlab")
 
@@ -79,7 +85,7 @@ def check_trainer_types(trainer: DictConfig) -> None:
         if value is None or (isinstance(value, kind) and not isinstance(value, bool)):
             continue
         what = "an integer" if key in INT_KEYS else "a number"
-        raise ValueError(f"trainer.{key} must be {what} (or null), got {value!r}")
+        raise ConfigError(f"trainer.{key} must be {what} (or null), got {value!r}")
 
 
 def divergence_advice(cfg: DictConfig, run_dir: Path) -> str:
@@ -158,7 +164,7 @@ def _rank() -> int:
 NOT_HASHED = ("hydra", "paths", "ckpt_path", "skip_completed")
 
 
-class RunConflictError(ValueError):
+class RunConflictError(UserError, ValueError):
     """The run directory holds a run of another config; nothing in it is touched."""
 
 
@@ -236,12 +242,22 @@ def train(cfg: DictConfig) -> dict:
         if signal_name:
             log.warning("%s: interrupted; %s", run_dir, error)
             raise SystemExit(preemption.exit_code()) from err  # 143 for SIGTERM, 130 for Ctrl-C
-        log.error("%s: failed: %s", run_dir, error)  # in train.log too, not only on stderr
+        # train.log keeps the reason (the console gets the error itself: one line for a user
+        # error, a traceback for a defect)
+        log_to_files(logging.ERROR, "%s: failed: %s", run_dir, " ".join(error.split()))
         if isinstance(err, DivergenceError):  # the same error, with the exact command to resume
             raise DivergenceError(error.split(": ", 1)[1]) from None
         raise
     finally:
         finish_wandb(failed=sys.exc_info()[0] is not None)
+
+
+def log_to_files(level: int, msg: str, *args) -> None:
+    """A record for the log files only (Hydra's ``<job>.log``), not the console."""
+    record = log.makeRecord(log.name, level, __file__, 0, msg, args, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
 
 
 def finish_wandb(failed: bool) -> None:
@@ -278,12 +294,19 @@ def _train(cfg: DictConfig, run_dir: Path, fingerprint: str, state: dict) -> dic
     classes, labelled = model.num_classes, getattr(datamodule, "num_classes", 0)
     if classes and classes != labelled:  # before anything starts, not an IndexError later
         has = f"has {labelled} classes" if labelled else "has no labels (data.num_classes=0)"
-        raise ValueError(
+        raise ConfigError(
             f"model.num_classes={classes} but the data {has}: set "
             "'model.num_classes=${data.num_classes}'"
             + (" or train an unconditional model (model.num_classes=0)" if not labelled else "")
         )
     model.set_guidance(build_guidance(cfg.get("guidance")))  # grids and evaluation sample guided
+    # before a logger or the trainer starts: the data (read or downloaded into the cache on
+    # rank 0, as Lightning's prepare_data would) and the checkpoint to resume from
+    if _rank() == 0:
+        datamodule.prepare_data()
+    if cfg.get("ckpt_path"):
+        fix = "resume from another (ckpt_path=<file>) or train afresh in a new directory"
+        load_checkpoint(cfg.ckpt_path, fix, mmap=True)
     marks: dict = {}  # step at which fitting started (non-zero when resuming), for images/s
     mark = L.pytorch.callbacks.LambdaCallback(
         on_train_start=lambda tr, pl: marks.update(step=tr.global_step, time=time.time())
@@ -391,10 +414,13 @@ def objective(cfg: DictConfig, summary: dict) -> float | None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """In a sweep (-m), a job that fails is recorded (summary.json: status "failed" and its
-    error) and the sweep goes on; the sweep's callback reports the failures at its end."""
-    profile.machine_defaults(cfg, _overrides(), _choices())
+    error) and the sweep goes on; the sweep's callback reports the failures at its end. A
+    user error (``genlab.utils.UserError``) of a single run is one line, exit status 1."""
     if sweep_dir() is None:
-        return objective(cfg, train(cfg))
+        with reported():
+            profile.machine_defaults(cfg, _overrides(), _choices())
+            return objective(cfg, train(cfg))
+    profile.machine_defaults(cfg, _overrides(), _choices())
     try:
         summary = train(cfg)
     except Exception as err:  # noqa: BLE001 -- recorded, and the next job runs

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import netrc
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -53,6 +54,51 @@ def sweep_dir() -> Path | None:
 class UsageError(SystemExit):
     """A command was given something it cannot use: one line saying what and what to do
     (exits with status 1 and the message, no traceback)."""
+
+
+class UserError(Exception):
+    """Raised for what the user gave (a config value, a path, a file), not for a defect: the
+    message says what was wrong and what to do. The commands print it as one line, with the
+    traceback only under ``HYDRA_FULL_ERROR=1`` (:func:`reported`). The errors that subclass
+    it keep their builtin base too (``DatasetNotFoundError`` is a ``FileNotFoundError``)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work (``data.batch_size=0``, ``model.num_classes=5`` on
+    ten-class data, ``trainer.max_steps=abc``)."""
+
+
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """An exception as one short line: its type and message, lines joined, bold codes removed."""
+    text = " ".join(str(err).replace("\x1b[1m", "").replace("\x1b[0m", "").split())
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def user_error(err: BaseException) -> UserError | None:
+    """The ``UserError`` behind ``err``: itself, or the cause Hydra's ``instantiate`` wrapped
+    (a datamodule's constructor rejecting ``data.batch_size=0``), else None."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, UserError):
+            return err
+        err, seen = err.__cause__, seen + 1
+    return None
+
+
+@contextmanager
+def reported():
+    """Around a command's body: a ``UserError`` (or one that ``instantiate`` wrapped) leaves as
+    ``UsageError`` "error: <message>" on one line, exit status 1; anything else, and everything
+    under ``HYDRA_FULL_ERROR=1``, keeps its traceback."""
+    try:
+        yield
+    except Exception as err:
+        found = user_error(err)
+        if found is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        text = " ".join(str(found).split())
+        raise UsageError(f"error: {text}") from None
 
 
 def compose(config_name: str, overrides: list[str]):

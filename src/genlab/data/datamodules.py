@@ -24,6 +24,7 @@ from genlab.data import readers
 from genlab.data.convert import to_model
 from genlab.data.readers import not_found
 from genlab.runs import atomic_torch_save
+from genlab.utils import ConfigError
 
 SPLITS = ("train", "val")
 BINARIZE = (None, "static", "dynamic")
@@ -104,15 +105,15 @@ class ImageDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if binarize not in BINARIZE:
-            raise ValueError(f"binarize must be one of {BINARIZE}, got {binarize!r}")
+            raise ConfigError(f"data.binarize must be one of {BINARIZE}, got {binarize!r}")
         image_size = self.geometry["image_size"] if image_size is None else image_size
         channels = self.geometry["channels"] if channels is None else channels
         num_classes = self.geometry["num_classes"] if num_classes is None else num_classes
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
+            raise ConfigError(f"data.channels must be 1 or 3, got {channels}")
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"data.{key} must be a positive integer, got {value!r}")
+                raise ConfigError(f"data.{key} must be a positive integer, got {value!r}")
         self.root = Path(os.path.expanduser(root)) if root else Path("data")
         self.image_size = int(image_size)
         self.channels = int(channels)
@@ -197,7 +198,7 @@ class ImageDataModule(L.LightningDataModule):
                 f"got {images.dtype} {tuple(images.shape[1:])}"
             )
         if self.num_classes > 0 and len(labels) and int(labels.max()) >= self.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}/{split} has label {int(labels.max())} but "
                 f"data.num_classes={self.num_classes}"
             )
@@ -333,19 +334,21 @@ class FolderDataModule(ImageDataModule):
             classes = sorted({p[0] for p in parents})
             index = {c: i for i, c in enumerate(classes)}
             if self.num_classes and self.num_classes != len(classes):
-                raise ValueError(
+                raise ConfigError(
                     f"{root} has {len(classes)} class folders but "
                     f"data.num_classes={self.num_classes}; set it to {len(classes)}"
                 )
             return torch.tensor([index[f.parent.relative_to(root).parts[0]] for f in files])
         if self.num_classes:
-            raise ValueError(f"{root} has no class subfolders; set data.num_classes=0")
+            raise ConfigError(f"{root} has no class subfolders; set data.num_classes=0")
         return torch.zeros(len(files), dtype=torch.long)
 
     def read_split(self, split):
         files = self.split_files(self._files(), split)
         if not files:
-            raise ValueError(f"the {split} split of {self.root} is empty; adjust data.val_fraction")
+            raise ConfigError(
+                f"the {split} split of {self.root} is empty; adjust data.val_fraction"
+            )
         images, kept = readers.decode_images(
             files, self.image_size, self.crop, self.channels, desc=f"{self.name}/{split}"
         )

@@ -18,10 +18,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from genlab.utils import UserError, one_line
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """The dataset's files are not where the config says (and could not be downloaded)."""
 
 
@@ -72,10 +74,11 @@ def read_torchvision(
     try:
         ds = cls(str(root), train=train, download=download)
     except RuntimeError as err:  # torchvision: "Dataset not found. You can use download=True"
-        raise not_found(cls.__name__, _expected_files(dataset, root), f" ({err})") from None
+        expected = _expected_files(dataset, root)
+        raise not_found(cls.__name__, expected, f" ({one_line(err, 90)})") from None
     except OSError as err:  # download attempted without network
         raise not_found(
-            cls.__name__, _expected_files(dataset, root), f"; download failed: {err}"
+            cls.__name__, _expected_files(dataset, root), f"; download failed: {one_line(err, 90)}"
         ) from None
     data = torch.as_tensor(ds.data)
     images = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)

@@ -7,8 +7,10 @@ from collections.abc import Callable
 
 import torch
 
+from genlab.utils import UserError
 
-class DivergenceError(FloatingPointError):
+
+class DivergenceError(UserError, FloatingPointError):
     """A loss became NaN or infinite; the run stops and its last checkpoint is kept."""
 
 

@@ -24,9 +24,10 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.families.contract import Denoiser
+from genlab.utils import UserError
 
 
-class GuidanceError(ValueError):
+class GuidanceError(UserError, ValueError):
     """This model cannot be guided this way (one line: what is wrong and what to do)."""
 
 

@@ -112,7 +112,7 @@ class ClipObjective:
         if self._clip is None:
             from genlab.metrics.clip import CLIPScore
 
-            self._clip = CLIPScore(self.clip_model, self.pretrained, self.device)
+            self._clip = CLIPScore(self.clip_model, self.pretrained, self.device, key="guidance")
         return self._clip
 
     def prompts_for(self, n: int) -> list[str]:

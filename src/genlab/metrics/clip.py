@@ -56,7 +56,8 @@ class CLIPScore(nn.Module):
     ``model``/``pretrained``/``device`` as in :func:`load_clip`. ``long_prompts``: what to do with
     a prompt longer than the text encoder's context length (start/end tokens included):
     "truncate" (one warning per call; the end-of-text token is kept) or "error" (ValueError).
-    ``batch_size``: images per forward pass in :meth:`score`.
+    ``batch_size``: images per forward pass in :meth:`score`. ``key``: the config key a
+    missing-weights message names (``metrics.clip``, or ``guidance`` for CLIP guidance).
 
     The CLIP weights are frozen and stay in eval mode (``train()`` is a no-op), but the image path
     is differentiable with respect to the input images.
@@ -72,6 +73,7 @@ class CLIPScore(nn.Module):
         *,
         allow_random: bool = False,
         cache_dir: str | None = None,
+        key: str = "metrics.clip",
     ):
         super().__init__()
         if long_prompts not in LONG_PROMPTS:
@@ -81,7 +83,7 @@ class CLIPScore(nn.Module):
         self.long_prompts = long_prompts
         self.batch_size = int(batch_size)
         self.model, self.tokenizer, self.info = load_clip(
-            model, pretrained, device, allow_random=allow_random, cache_dir=cache_dir
+            model, pretrained, device, allow_random=allow_random, cache_dir=cache_dir, key=key
         )
         size = self.info["image_size"]
         self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)

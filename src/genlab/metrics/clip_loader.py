@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,13 @@ import open_clip
 import open_clip.factory
 import open_clip.pretrained
 import torch
+from huggingface_hub import constants as hub_constants
 from safetensors import SafetensorError
 from torch import nn
 
 from genlab.metrics.common import WeightsNotFoundError, sha256_file, sha256_state
 from genlab.metrics.digits import load_weights_file, weights_error
+from genlab.utils import ConfigError
 
 LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
@@ -40,6 +44,7 @@ def load_clip(
     *,
     allow_random: bool = False,
     cache_dir: str | None = None,
+    key: str = "metrics.clip",
 ) -> tuple[nn.Module, Any, dict]:
     """An open_clip model, its tokenizer and what a protocol records about it.
 
@@ -59,37 +64,40 @@ def load_clip(
     context_length, mean, std, interpolation, resize_mode}.
 
     Raises ``WeightsNotFoundError`` (one line: model, tag or file, where the weights come from,
-    the ``metrics.clip.*`` setting to fix) when the weights cannot be had. An empty
+    the ``<key>.*`` setting to fix; ``key`` is ``metrics.clip`` or ``guidance``) when the weights
+    cannot be had. An empty
     ``pretrained`` for a built-in name raises too, unless ``allow_random`` (tests only).
     """
     model = str(model)
     if model in BUNDLED:  # genlab's domain CLIP for digits (genlab.metrics.train_clip)
-        return _load_local_dir(BUNDLED[model], device)
+        return _load_local_dir(BUNDLED[model], device, key)
     if model.startswith(HF_HUB):
-        raise ValueError(
+        raise ConfigError(
             f"CLIP model {model}: hf-hub models are not downloaded by genlab; download the repo "
-            f"(open_clip_config.json + weights) and set metrics.clip.model=local-dir:<dir>"
+            f"(open_clip_config.json + weights) and set {key}.model=local-dir:<dir>"
         )
     if model.startswith(LOCAL_DIR):
-        return _load_local_dir(Path(model[len(LOCAL_DIR) :]).expanduser(), device)
+        return _load_local_dir(Path(model[len(LOCAL_DIR) :]).expanduser(), device, key)
     name = model.replace("/", "-")  # open_clip accepts "ViT-B/32" for "ViT-B-32"
     if name in open_clip.list_models():
-        return _load_builtin(name, pretrained, device, allow_random, cache_dir)
+        return _load_builtin(name, pretrained, device, allow_random, cache_dir, key)
     path = Path(model).expanduser()
     if path.is_dir() or os.sep in model or model.startswith((".", "~")):
-        return _load_local_dir(path, device)
-    raise ValueError(
-        f"unknown CLIP model {model!r} (metrics.clip.model): use an open_clip name "
+        return _load_local_dir(path, device, key)
+    raise ConfigError(
+        f"unknown CLIP model {model!r} ({key}.model): use an open_clip name "
         f"(open_clip.list_models(), e.g. ViT-B-32) or local-dir:<dir>"
     )
 
 
-def _load_local_dir(directory: Path, device: str | torch.device) -> tuple[nn.Module, Any, dict]:
+def _load_local_dir(
+    directory: Path, device: str | torch.device, key: str
+) -> tuple[nn.Module, Any, dict]:
     """An open_clip folder: config from ``open_clip_config.json``, weights from the folder."""
     fix = (
         "download an open_clip model folder (open_clip_config.json + open_clip_pytorch_model.bin, "
         "e.g. the hf-hub repo laion/CLIP-ViT-B-32-laion2B-s34B-b79K) and set "
-        "metrics.clip.model=local-dir:<dir>"
+        f"{key}.model=local-dir:<dir>"
     )
     if not directory.is_dir():
         raise WeightsNotFoundError(f"CLIP model directory {directory} not found: {fix}")
@@ -125,14 +133,15 @@ def _load_builtin(
     device: str | torch.device,
     allow_random: bool,
     cache_dir: str | None,
+    key: str,
 ) -> tuple[nn.Module, Any, dict]:
     """A built-in open_clip architecture with weights from a tag (downloaded) or a file."""
     tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
     if not pretrained:
         if not allow_random:
             raise WeightsNotFoundError(
-                f"CLIP {name}: no pretrained weights given (metrics.clip.pretrained is empty) and "
-                f"a random CLIP scores nothing: set metrics.clip.pretrained to a tag ({tags}) or "
+                f"CLIP {name}: no pretrained weights given ({key}.pretrained is empty) and "
+                f"a random CLIP scores nothing: set {key}.pretrained to a tag ({tags}) or "
                 f"to a weights file"
             )
         clip = open_clip.create_model(name, pretrained=None, device=device)
@@ -141,7 +150,7 @@ def _load_builtin(
     tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
     quick_gelu, preprocess = False, {}
     if tag_cfg:
-        weights = _download(name, pretrained, tag_cfg, cache_dir)
+        weights = _download(name, pretrained, tag_cfg, cache_dir, key)
         quick_gelu = bool(tag_cfg.get("quick_gelu", False))
         keys = ("mean", "std", "interpolation", "resize_mode")
         preprocess = {k: tag_cfg[k] for k in keys if k in tag_cfg}
@@ -151,14 +160,14 @@ def _load_builtin(
         raise WeightsNotFoundError(
             f"CLIP {name}: pretrained={pretrained} is neither a known open_clip tag ({tags}) nor "
             f"an existing weights file: download the weights and set "
-            f"metrics.clip.pretrained=<path to the file>"
+            f"{key}.pretrained=<path to the file>"
         )
     # open_clip only warns when a tag wants QuickGELU and the config lacks it (ViT-B-32 +
     # openai): the model would run with the wrong activation, so force it as the tag says.
     clip = _create_model(
         name,
         weights,
-        "download the weights again and set metrics.clip.pretrained=<path to the file>",
+        f"download the weights again and set {key}.pretrained=<path to the file>",
         pretrained=str(weights),
         device=device,
         force_quick_gelu=quick_gelu,
@@ -181,9 +190,34 @@ def _create_model(name: str, weights: Path, fix: str, **kwargs) -> nn.Module:
         raise weights_error(what, weights, err, fix) from err
 
 
-def _download(name: str, tag: str, tag_cfg: dict, cache_dir: str | None) -> Path:
+def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host`` opens within ``timeout`` seconds (always True when
+    an HTTPS proxy is set: the proxy, not this machine, resolves the host)."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def hub_offline(offline: bool):
+    """huggingface_hub's offline mode for the duration (files come from its cache or not at
+    all): without it, a download with no network retries for about 45 s before it fails."""
+    before = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = before
+
+
+def _download(name: str, tag: str, tag_cfg: dict, cache_dir: str | None, key: str) -> Path:
     """The weights file of an open_clip tag (cached or downloaded), or WeightsNotFoundError.
-    Offline, open_clip's Hugging Face download retries for about 45 s before it gives up."""
+    When huggingface.co cannot be reached, only the local cache is tried (one line at once,
+    not open_clip's 45 s of retries)."""
     # open_clip prefers the Hugging Face copy when huggingface_hub is installed (it is here)
     if tag_cfg.get("hf_hub"):
         repo, filename = os.path.split(tag_cfg["hf_hub"])
@@ -194,16 +228,26 @@ def _download(name: str, tag: str, tag_cfg: dict, cache_dir: str | None) -> Path
     model_hint = ""
     if tag_cfg.get("quick_gelu") and not open_clip.get_model_config(name).get("quick_gelu"):
         if f"{name}-quickgelu" in open_clip.list_models():
-            model_hint = f"metrics.clip.model={name}-quickgelu "
+            model_hint = f"{key}.model={name}-quickgelu "
+    why_offline = None
+    if tag_cfg.get("hf_hub"):
+        if hub_constants.HF_HUB_OFFLINE:
+            why_offline = "HF_HUB_OFFLINE is set"
+        elif not reachable("huggingface.co"):
+            why_offline = "huggingface.co cannot be reached"
+    offline = why_offline is not None
     try:
-        path = open_clip.pretrained.download_pretrained(tag_cfg, cache_dir=cache_dir)
+        with hub_offline(offline):
+            path = open_clip.pretrained.download_pretrained(tag_cfg, cache_dir=cache_dir)
         reason = "no download location"
     except Exception as err:  # no network, proxy, HTTP error: all mean "provide the file"
         path, reason = "", f"{type(err).__name__}: {err}".splitlines()[0][:160]
+        if offline:
+            reason = f"{why_offline} and the file is not in the Hugging Face cache"
     if not path or not Path(path).is_file():
         raise WeightsNotFoundError(
             f"CLIP weights {name}/{tag} could not be downloaded ({reason}): download {source} "
-            f"and set {model_hint}metrics.clip.pretrained=<path to the file>"
+            f"and set {model_hint}{key}.pretrained=<path to the file>"
         )
     return Path(path)
 

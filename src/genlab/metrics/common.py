@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
+from genlab.utils import UserError
 
-class WeightsNotFoundError(FileNotFoundError):
+
+class WeightsNotFoundError(UserError, FileNotFoundError):
     """Pretrained weights a metric needs are neither on disk nor downloadable. The message is
     one line naming the file, where it comes from and the config key that points at a copy."""
 

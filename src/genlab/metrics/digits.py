@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genlab.utils import UserError, one_line
+
 WEIGHTS = Path(__file__).with_name("weights") / "digits.pt"
 FEATURE_DIM = 128
 TRAIN_HINT = (
@@ -30,17 +32,10 @@ TRAIN_HINT = (
 )
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(UserError, ValueError):
     """A weights file exists but cannot be used: truncated or corrupt, holding more than tensors
     (refused: unpickling it could run code), or the state of another network. The message is
     one line naming the file and what to do."""
-
-
-def one_line(err: BaseException, limit: int = 200) -> str:
-    """An exception as one short line: its type and message, lines joined, bold codes removed."""
-    text = " ".join(str(err).replace("\x1b[1m", "").replace("\x1b[0m", "").split())
-    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def weights_error(what: str, path: str | Path, err: BaseException, fix: str) -> WeightsFileError:

@@ -43,8 +43,8 @@ from genlab.metrics.digits import (
     WeightsFileError,
     load_digit_classifier,
     load_weights_file,
-    one_line,
 )
+from genlab.utils import one_line
 
 INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]
 INCEPTION_HINT = f"download {URL_INCEPTION_V3} and set metrics.inception_weights=<path to the file>"
