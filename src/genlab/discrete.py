@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from genlab.data.convert import quantize, to_levels
 from genlab.diffusion.process import discretized_gaussian_nll
+from genlab.nets import rng
 
 # Probability masses on the 8-bit grid (elementwise, nats). ``x`` holds k/127.5 - 1 for k in
 # 0..255; the edge bins (k = 0 and k = 255) extend to -inf and +inf, so the 256 masses of a
@@ -178,6 +179,9 @@ def discretized_mix_logistic_nll(
 
 
 def _uniform(shape: tuple, generator, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(generator, rng.SampleSeeds):  # per-sample streams (CPU)
+        u = rng.rand(shape, generator).clamp(1e-7, 1 - 1e-7)
+        return u.to(device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
     device = generator.device if generator is not None else "cpu"
     u = torch.rand(shape, generator=generator, device=device).clamp(1e-7, 1 - 1e-7)
     return u.to(device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))

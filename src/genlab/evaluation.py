@@ -27,6 +27,7 @@ from genlab.families.contract import Generative, Likelihood, ODELikelihood
 from genlab.metrics.evaluator import Evaluator
 from genlab.metrics.likelihood import CONVENTION
 from genlab.metrics.protocol import count_rows
+from genlab.nets.rng import SampleSeeds
 
 log = logging.getLogger("genlab")
 
@@ -34,8 +35,9 @@ log = logging.getLogger("genlab")
 def sample_chunks(model, n: int, ev: Evaluator, stats: dict) -> Iterator[torch.Tensor]:
     """uint8 chunks of n samples, ``ev.sample_batch_size`` per ``sample`` call (seed
     ``ev.seed``, labels balanced over the classes); adds the sampling seconds and the network
-    evaluations per image to ``stats``."""
-    generator = torch.Generator().manual_seed(ev.seed)
+    evaluations per image to ``stats``. Sample i draws from its own stream, seeded from
+    ``(ev.seed, i)``: the images do not depend on the batch size."""
+    seeds = SampleSeeds.for_indices(ev.seed, range(n))
     labels = torch.arange(n) % model.num_classes if model.num_classes else None
     net = model.nfe_module()
     bar = tqdm(total=n, desc="eval: sampling", leave=False, disable=not ev.progress)
@@ -44,7 +46,8 @@ def sample_chunks(model, n: int, ev: Evaluator, stats: dict) -> Iterator[torch.T
             m = min(ev.sample_batch_size, n - start)
             y = None if labels is None else labels[start : start + m]
             t0 = time.perf_counter()
-            images = model.sample(m, y=y, generator=generator, use_ema=ev.use_ema)
+            part = seeds[start : start + m]
+            images = model.sample(m, y=y, generator=part, use_ema=ev.use_ema)
             if images.is_cuda:
                 torch.cuda.synchronize(images.device)
             stats["sample_s"] += time.perf_counter() - t0

@@ -27,6 +27,7 @@ from genlab.data.convert import save_grid, to_uint8
 from genlab.families.contract import Generative
 from genlab.families.vae import VAEModule
 from genlab.guidance import GuidanceError, build_guidance
+from genlab.nets.rng import SampleSeeds
 from genlab.runs import load_model
 from genlab.utils import CONF_DIR, UsageError, compose, reported
 
@@ -68,7 +69,7 @@ def run(cfg: DictConfig) -> dict:
         if not isinstance(model, VAEModule):
             raise UsageError(f"mean= is for VAEs; {type(model).__name__} has no decoder mean")
         opts["mean"] = bool(cfg.mean)
-    generator = torch.Generator().manual_seed(seed)
+    generator = SampleSeeds.for_indices(seed, range(n))  # the same images for any batch size
     images = model.sample(n, y=y, generator=generator, progress=True, **opts)
     ckpt = str(cfg.ckpt)
     out = Path(cfg.out or Path(cfg.run_dir) / "samples" / f"sample_{Path(ckpt).stem}_s{seed}")

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from genlab.callbacks.periodic import PeriodicCallback
 from genlab.data.convert import make_grid, save_grid
 from genlab.families.contract import Generative
+from genlab.nets.rng import SampleSeeds
 
 
 def class_grid(model, n: int) -> tuple[torch.Tensor | None, int | None]:
@@ -85,7 +86,7 @@ class SampleGrid(PeriodicCallback):
     @rank_zero_only
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         step = trainer.global_step
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = SampleSeeds.for_indices(self.seed, range(self.num_samples))
         labels, nrow, columns = grid_layout(pl_module, self.num_samples)
         images = pl_module.sample(self.num_samples, y=labels, generator=generator)
         path = save_grid(images, self._dir(trainer) / f"step_{step:07d}.png", nrow=nrow)

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from genlab.diffusion.frame import NoiseFrame
+from genlab.nets import rng
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -43,8 +44,8 @@ def steps_for_nfe(sampler: Callable, nfe: int) -> int:
     return max(1, (int(nfe) + 1) // 2) if name in TWO_EVALUATIONS_PER_STEP else max(1, int(nfe))
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+def _randn_like(x: torch.Tensor, generator: rng.Generator) -> torch.Tensor:
+    return rng.randn(x.shape, generator, dtype=x.dtype, device=x.device)
 
 
 class _Run:

@@ -29,6 +29,7 @@ from genlab.discrete import discretized_mix_logistic_nll, sample_mix_logistic
 from genlab.families.base import GenerativeModule
 from genlab.families.common import check_finite, class_marginal_nll
 from genlab.metrics.likelihood import categorical_bits_per_dim, nats_to_bits_per_dim
+from genlab.nets import rng
 from genlab.nets.cached import cached_sampler, has_cached_sampler
 
 
@@ -151,7 +152,7 @@ class AutoregressiveModule(GenerativeModule):
         dtype = next(self.net.parameters()).dtype
         x = torch.zeros(m, *self.image_shape, device=self.device, dtype=dtype)
         # every uniform the categorical draws need, drawn up front: both samplers use the same
-        u = torch.rand(m, height, width, c_dim, generator=generator).to(self.device)
+        u = rng.rand((m, height, width, c_dim), generator, device=self.device)
         cache = cached_sampler(self.net) if fast else None
         if cache is not None:
             cache.reset(x, y)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from genlab.families.optim_state import adopt_configured
+from genlab.nets import rng
 
 log = logging.getLogger("genlab")
 
@@ -244,10 +245,15 @@ class GenerativeModule(FamilyModule):
         **opts,
     ) -> torch.Tensor:
         """The chunked loop, without whole-sample guidance (a denoiser's guidance still acts
-        inside ``draw``)."""
+        inside ``draw``). ``generator`` may be ``genlab.nets.rng.SampleSeeds`` of length n (a
+        stream per sample): each chunk then draws from its samples' own streams, and the
+        images do not depend on ``sample_batch_size``."""
+        per_sample = isinstance(generator, rng.SampleSeeds)
+        if per_sample and len(generator) != n:
+            raise ValueError(f"{len(generator)} per-sample seeds for {n} samples")
         noise = self.prior_noise(n, generator, **opts)
         if self.num_classes and y is None and self.random_labels:
-            y = torch.randint(0, self.num_classes, (n,), generator=generator)
+            y = rng.randint(0, self.num_classes, (n,), generator)
         out = []
         with self.evaluating(), self.ema_weights(use_ema):
             for start in range(0, n, self.sample_batch_size):
@@ -255,10 +261,9 @@ class GenerativeModule(FamilyModule):
                 m = part.stop - part.start
                 yb = None if y is None else y[part].to(self.device)
                 chunk = None if noise is None else noise[part]
+                gen = generator[part] if per_sample else generator
                 out.append(
-                    self.draw(
-                        m, yb, generator, noise=chunk, index=part, n=n, progress=progress, **opts
-                    )  # fmt: skip
+                    self.draw(m, yb, gen, noise=chunk, index=part, n=n, progress=progress, **opts)
                 )
         return torch.cat(out).clamp(-1, 1)
 

@@ -24,6 +24,7 @@ from genlab.diffusion.samplers import heun
 from genlab.families.base import GenerativeModule
 from genlab.families.common import check_finite
 from genlab.families.contract import Denoiser
+from genlab.nets import rng
 from genlab.nets.ema import EMA
 
 
@@ -195,7 +196,7 @@ class DenoisingModule(GenerativeModule):
     def draw(self, m, y, generator, *, noise, index, n, progress, steps=None):
         """One chunk: unit noise from ``generator`` (the sampler scales it to the prior), then
         the sampler on the (guided) denoiser; ``steps`` overrides the sampler's step count."""
-        noise = torch.randn((m, *self.image_shape), generator=generator).to(self.device)
+        noise = rng.randn((m, *self.image_shape), generator, device=self.device)
         opts = {"generator": generator, "progress": progress}
         if steps is not None:
             opts["steps"] = steps

@@ -27,6 +27,7 @@ from torch import nn
 
 from genlab.families.base import GenerativeModule
 from genlab.families.common import check_finite
+from genlab.nets import rng
 from genlab.nets.augment import diff_augment
 from genlab.nets.ema import EMA
 
@@ -212,13 +213,18 @@ class GANModule(GenerativeModule):
         entries with |z| > t are redrawn until inside (the truncation trick, Brock et al.
         2019)."""
         truncation = self.truncation if truncation is None else truncation
-        z = torch.randn(n, self.z_dim, generator=generator)
+        z = rng.randn((n, self.z_dim), generator)
         if truncation:
             for _ in range(1000):
                 outside = z.abs() > truncation
                 if not outside.any():
                     break
-                z[outside] = torch.randn(int(outside.sum()), generator=generator)
+                if isinstance(generator, rng.SampleSeeds):  # each sample redraws from its own
+                    for i in outside.any(1).nonzero().flatten().tolist():
+                        g = generator.generators[i]
+                        z[i, outside[i]] = torch.randn(int(outside[i].sum()), generator=g)
+                else:
+                    z[outside] = torch.randn(int(outside.sum()), generator=generator)
         return z
 
     def prior_noise(self, n, generator, *, truncation=None, z=None, **_) -> torch.Tensor:

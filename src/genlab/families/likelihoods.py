@@ -25,6 +25,7 @@ from genlab.discrete import (
     discretized_logistic_nll,
     is_binary,
 )
+from genlab.nets import rng
 
 LIKELIHOODS = ("bernoulli", "gaussian", "logistic")
 MIN_LOG_SCALE = -7.0  # scales below ~1e-3 put all mass in one bin already (bins are 2/255 wide)
@@ -73,10 +74,10 @@ class DecoderLikelihood:
     def sample(self, out: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pixels drawn from p(x | z), on the 8-bit grid in [-1, 1]."""
         if self.name == "bernoulli":
-            u = torch.rand(out.shape, generator=generator).to(out.device)
+            u = rng.rand(out.shape, generator, device=out.device)
             return torch.where(u < torch.sigmoid(out), 1.0, -1.0)
         loc, log_scale = self._split(out)
-        u = torch.rand(loc.shape, generator=generator).to(out.device).clamp(1e-5, 1 - 1e-5)
+        u = rng.rand(loc.shape, generator, device=out.device).clamp(1e-5, 1 - 1e-5)
         if self.name == "logistic":
             noise = torch.log(u) - torch.log1p(-u)
         else:

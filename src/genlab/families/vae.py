@@ -30,6 +30,7 @@ from genlab.families.base import GenerativeModule
 from genlab.families.common import check_finite
 from genlab.families.likelihoods import DecoderLikelihood
 from genlab.metrics.likelihood import importance_weighted_bound, nats_to_bits_per_dim
+from genlab.nets import rng
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -237,7 +238,7 @@ class VAEModule(GenerativeModule):
 
     def latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """z ~ N(0, I), (n, latent_dim) on the CPU."""
-        return torch.randn(n, self.latent_dim, generator=generator)
+        return rng.randn((n, self.latent_dim), generator)
 
     @torch.no_grad()
     def latent_kl(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -32,6 +32,7 @@ from genlab.families.base import FamilyModule, GenerativeModule, count_parameter
 from genlab.families.common import check_finite, class_marginal_nll
 from genlab.families.likelihoods import DecoderLikelihood
 from genlab.metrics.likelihood import nats_to_bits_per_dim
+from genlab.nets import rng
 from genlab.nets.cached import cached_sampler, has_cached_sampler
 from genlab.nets.vq import VectorQuantizer
 
@@ -292,7 +293,7 @@ class VQPriorModule(GenerativeModule):
         dtype = self.embedding.weight.dtype
         x = torch.zeros(m, self.embedding.embedding_dim, h, w, device=self.device, dtype=dtype)
         codes = torch.zeros(m, h, w, dtype=torch.long, device=self.device)
-        u = torch.rand(m, h, w, generator=generator).to(self.device)
+        u = rng.rand((m, h, w), generator, device=self.device)
         cache = cached_sampler(self.net) if fast else None
         if cache is not None:
             cache.reset(x, y)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from genlab.families.contract import Denoising, Generative, Latent
 from genlab.guidance.base import Guidance, GuidanceError, cycle
 from genlab.guidance.gradient import GradientGuidance
+from genlab.nets import rng
 
 METHODS = ("auto", "gradient", "latent", "rerank")
 
@@ -271,7 +272,7 @@ class ClipLatent(_ClipMethod):
         else:  # the prior the model samples from (a GAN's own truncation included)
             z0 = model.latents(n, generator)
         if model.num_classes and y is None:
-            y = torch.randint(0, model.num_classes, (n,), generator=generator)
+            y = rng.randint(0, model.num_classes, (n,), generator)
         text = self.clip_objective.text(self.prompts_for(n))
         gen = torch.Generator().manual_seed(self.clip_objective.seed)
         use_ema = bool(opts.get("use_ema", True))
@@ -329,6 +330,8 @@ class ClipRerank(_ClipMethod):
             return draw(n, y=y, generator=generator, **opts)
         k = self.k
         labels = None if y is None else torch.as_tensor(y).repeat_interleave(k)
+        if isinstance(generator, rng.SampleSeeds):  # sample i's k candidates: streams of its own
+            generator = generator.spawn(k)
         candidates = draw(n * k, y=labels, generator=generator, **opts)
         prompts = self.prompts_for(n)
         scores = self.clip_objective.scores(candidates, [p for p in prompts for _ in range(k)])
