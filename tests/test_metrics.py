@@ -89,7 +89,7 @@ def tf_metrics(gen, ref, extractor: str, weights: str, kid_subset_size: int, spl
     )
 
 
-@pytest.mark.parametrize("key", ["inception", "digits"])
+@pytest.mark.parametrize("key", [pytest.param("inception", marks=pytest.mark.slow), "digits"])
 def test_parity_with_torch_fidelity(key, random_inception, tmp_path):
     n = 20 if key == "inception" else 64
     gen, ref = image_sets(n)

@@ -121,6 +121,7 @@ def test_a_signal_during_a_long_grid_stops_it_at_once(tiny_cfg, tmp_path, with_c
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_cli_exits_143_with_a_checkpoint(tmp_path):
     """What a scheduler does: SIGTERM to `python -m genlab`; the process exits 143 and leaves a
     last.ckpt at the step it reached, though periodic checkpoints are far apart."""

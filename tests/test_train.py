@@ -356,6 +356,7 @@ def test_real_celeba_trains(tiny_cfg, tmp_path):
     assert tuple(instantiate(cfg.model).image_shape) == (3, 32, 32)
 
 
+@pytest.mark.slow
 def test_cli_help_cfg_and_multirun(tmp_path):
     """--help lists the groups, --cfg job prints without running, -m gives a dir per job."""
     help_text = run_cli(["--help"], cwd=REPO).stdout
