@@ -13,6 +13,7 @@ from genlab.data import (
     SyntheticDataModule,
 )
 from genlab.data.convert import to_model, to_uint8
+from genlab.data.datamodules import ResumableSampler
 
 from .conftest import SHARED
 
@@ -79,6 +80,43 @@ def test_a_batch_size_that_is_not_positive_is_one_line(bad):
     message = f"data.batch_size must be a positive integer, got {bad!r}"
     with pytest.raises(ValueError, match=message):
         SyntheticDataModule(batch_size=bad)
+
+
+@pytest.mark.parametrize("n", [64, 67])
+def test_the_sampler_shards_an_epoch_across_ranks_and_skips_within_each_share(n):
+    """One process: the (seed, epoch) permutation. Two ranks: the same permutation, padded to a
+    multiple of the world by repeating its head, dealt out in turn; a rank told to skip k
+    serves the tail of its own share (issue 18, item 14)."""
+    one = ResumableSampler(n, seed=3)
+    one.set_epoch(2)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(3 * 1_000_003 + 2)).tolist()
+    assert list(one) == perm and len(one) == n
+    padded = (perm * 2)[: 2 * -(-n // 2)]
+    shares = []
+    for rank in range(2):
+        sampler = ResumableSampler(n, seed=3, num_replicas=2, rank=rank)
+        sampler.set_epoch(2)
+        share = list(sampler)
+        assert share == padded[rank::2] and len(sampler) == len(share) == -(-n // 2)
+        sampler.skip = 16
+        assert list(sampler) == share[16:]
+        assert list(sampler) == share  # the skip applies to one pass only
+        shares += share
+    assert sorted(set(shares)) == list(range(n)) and len(shares) == len(padded)
+
+
+def test_lightning_serves_the_sampler_under_ddp_without_wrapping_it():
+    """Lightning wraps any sampler that is not a DistributedSampler in its
+    DistributedSamplerWrapper, which rebuilt the index list from len() and ran off the end of a
+    skipped one; ours is served as it is."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    loader = DataLoader(range(64), batch_size=16, sampler=ResumableSampler(64, 0, 2, 1))
+    assert not trainer._data_connector._requires_distributed_sampler(loader)
+    plain = DataLoader(range(64), batch_size=16, shuffle=True)
+    assert trainer._data_connector._requires_distributed_sampler(plain)
 
 
 def test_16_bit_grey_and_transparent_images_decode_to_what_they_show(tmp_path):

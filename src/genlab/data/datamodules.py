@@ -18,7 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from genlab.data import readers
 from genlab.data.convert import to_model
@@ -41,25 +41,38 @@ def binarize(images: torch.Tensor, generator: torch.Generator | None = None) -> 
     return torch.where(u * 255 < images.float(), 255, 0).to(torch.uint8)
 
 
-class ResumableSampler(torch.utils.data.Sampler[int]):
-    """Shuffles with a permutation fixed by (seed, epoch). ``skip`` drops the first samples of
-    the next pass, so a run resumed mid-epoch sees exactly the batches an uninterrupted run
-    would have seen (Lightning calls ``set_epoch`` at every epoch start)."""
+class ResumableSampler(DistributedSampler):
+    """Shuffles with a permutation fixed by (seed, epoch) and serves this rank's share of it.
+    ``skip`` drops the first samples of this rank's next pass, so a run resumed mid-epoch sees
+    exactly the batches an uninterrupted run would have seen (Lightning calls ``set_epoch`` at
+    every epoch start).
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+    Under DDP every rank draws the same permutation, pads it to a multiple of the world size
+    by repeating its head (as torch's ``DistributedSampler`` does) and takes every
+    ``num_replicas``-th index from ``rank``. It is a ``DistributedSampler``, so Lightning serves
+    it as it is instead of wrapping it in its ``DistributedSamplerWrapper`` (whose index list,
+    built from ``len()``, a skipped prefix would leave short: the IndexError of issue 18,
+    item 14). With one process it is the plain permutation."""
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, n: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in a world of {num_replicas}")
+        # the parent only stores what it is given; range(n) stands in for the dataset
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.n, self.skip = n, 0
+        self.num_samples = -(-n // num_replicas)  # this rank's share, padded like torch's
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(self.n, generator=g).tolist()
+        if self.num_replicas > 1:
+            total = self.num_samples * self.num_replicas
+            perm = (perm * (-(-total // self.n)))[:total][self.rank :: self.num_replicas]
         skip, self.skip = self.skip, 0
         return iter(perm[skip:])
 
     def __len__(self) -> int:
-        return self.n
+        return self.num_samples
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -216,13 +229,14 @@ class ImageDataModule(L.LightningDataModule):
         data = self.load_split("train")
         if self.binarize == "dynamic":  # 8-bit images, binarised per batch on the device
             data = self._grey["train"]
-        drop_last = len(data) >= self.batch_size
-        sampler = ResumableSampler(len(data), self.seed)
         trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        sampler = ResumableSampler(len(data), self.seed, num_replicas=world, rank=rank)
+        share = len(sampler)  # samples this rank serves per epoch
+        drop_last = share >= self.batch_size
         if trainer is not None and trainer.global_step > 0:  # resuming: skip what was trained
-            per_epoch = (
-                len(data) // self.batch_size if drop_last else -(-len(data) // self.batch_size)
-            )
+            # this rank's batches per epoch: every rank steps once per global step
+            per_epoch = share // self.batch_size if drop_last else -(-share // self.batch_size)
             # batches per global step: gradient accumulation times the family's count
             per_step = trainer.accumulate_grad_batches * self.batches_per_step
             done = (trainer.global_step * per_step) % per_epoch
