@@ -1,5 +1,9 @@
 """DataModules: geometry, caching, folders with corrupt files, clear errors for missing data."""
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -122,7 +126,6 @@ def test_lightning_serves_the_sampler_under_ddp_without_wrapping_it():
 def test_16_bit_grey_and_transparent_images_decode_to_what_they_show(tmp_path):
     """A 16-bit grey PNG at half scale decodes to grey 128 (Pillow's convert gives 255), an
     RGBA PNG is composited over white (convert drops alpha: the hidden red would show)."""
-    import numpy as np
 
     root = tmp_path / "imgs"
     root.mkdir()
@@ -143,28 +146,100 @@ def test_16_bit_grey_and_transparent_images_decode_to_what_they_show(tmp_path):
     assert composited[0, 2:6, 5].eq(255).all() and composited[1, 2:6, 5].eq(127).all()
 
 
-def test_decoded_tensors_are_cached_and_reused(tmp_path, monkeypatch):
+def _folder_kwargs(tmp_path, n=10, **extra):
     root = tmp_path / "imgs"
-    _write_images(root, 10)
-    kwargs = dict(
-        root=str(root),
-        image_size=8,
-        channels=3,
-        val_fraction=0.2,
-        cache_dir=str(tmp_path / "cache"),
-    )
+    _write_images(root, n)
+    return dict(root=str(root), image_size=8, channels=3, val_fraction=0.2,
+                cache_dir=str(tmp_path / "cache"), **extra)  # fmt: skip
+
+
+def _mapped_file(tensor: torch.Tensor) -> Path | None:
+    """The file whose mapping (/proc/self/maps) holds the tensor's memory, if any."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(v, 16) for v in fields[0].split("-"))
+        if lo <= address < hi:
+            path = fields[5].strip() if len(fields) == 6 else ""
+            return Path(path) if path.startswith("/") else None
+    return None
+
+
+def test_decoded_images_are_cached_memory_mapped_and_reused(tmp_path, monkeypatch):
+    """The cache is a raw uint8 file, its labels and a .json written last; a second DataModule
+    maps the file (no decoding, nothing read into memory up front) and serves equal images;
+    in_memory=true reads the same images into RAM."""
+    kwargs = _folder_kwargs(tmp_path)
     first = FolderDataModule(**kwargs).load_split("train").tensors[0]
-    assert len(list((tmp_path / "cache").glob("folder-train-3x8x8-*.pt"))) == 1
+    cache = tmp_path / "cache"
+    (meta,) = cache.glob("folder-train-3x8x8-*.json")
+    stem = meta.with_suffix("")
+    assert json.loads(meta.read_text())["shape"] == [8, 3, 8, 8]
+    assert stem.with_suffix(".u8").stat().st_size == 8 * 3 * 8 * 8
+    assert not list(cache.glob(".*.tmp"))
 
     def no_decoding(*args, **kw):
         raise AssertionError("images were decoded again despite the cache")
 
+    monkeypatch.setattr("genlab.data.readers.decoded", no_decoding)
     monkeypatch.setattr("genlab.data.readers.decode_images", no_decoding)
     second = FolderDataModule(**kwargs).load_split("train").tensors[0]
     assert torch.equal(first, second)
+    assert _mapped_file(second) == stem.with_suffix(".u8")  # mapped, not copied
+    loaded = FolderDataModule(**kwargs, in_memory=True).load_split("train").tensors[0]
+    assert torch.equal(first, loaded) and _mapped_file(loaded) is None
     # a different resolution is a different cache entry, not a stale hit
     with pytest.raises(AssertionError, match="decoded again"):
         FolderDataModule(**{**kwargs, "image_size": 4}).load_split("train")
+
+
+@pytest.mark.parametrize("damage", ["no json", "short images", "garbled json"])
+def test_an_incomplete_cache_is_rebuilt_not_served(tmp_path, damage):
+    """What a kill between the files, a truncated copy or a bad edit leaves is decoded again."""
+    kwargs = _folder_kwargs(tmp_path)
+    first = FolderDataModule(**kwargs).load_split("train").tensors[0].clone()
+    (meta,) = (tmp_path / "cache").glob("folder-train-*.json")
+    if damage == "no json":
+        meta.unlink()
+    elif damage == "short images":
+        data = meta.with_suffix(".u8")
+        data.write_bytes(data.read_bytes()[:-5])
+    else:
+        meta.write_text("{not json")
+    again = FolderDataModule(**kwargs).load_split("train").tensors[0]
+    assert torch.equal(first, again)
+    assert json.loads(meta.read_text())["shape"][0] == 8
+
+
+def test_a_folder_is_decoded_into_the_cache_without_holding_the_split(tmp_path, monkeypatch):
+    """Folders stream: each image goes to the file as it is decoded; the in-memory decoder
+    (which stacks the split) is never called, and corrupt files are skipped and counted."""
+    kwargs = _folder_kwargs(tmp_path, n=12)
+    (Path(kwargs["root"]) / "bad.jpg").write_bytes(b"not a jpeg")
+
+    def stacks(*args, **kw):
+        raise AssertionError("the split was decoded into memory")
+
+    monkeypatch.setattr("genlab.data.readers.decode_images", stacks)
+    dm = FolderDataModule(**{**kwargs, "val_fraction": 0.0})
+    with pytest.warns(CorruptImageWarning, match="skipped 1"):
+        images = dm.load_split("train").tensors[0]
+    assert images.shape == (12, 3, 8, 8) and dm.unreadable["train"] == 1
+    (meta,) = (tmp_path / "cache").glob("folder-train-*.json")
+    assert json.loads(meta.read_text())["unreadable"] == 1
+
+
+def test_workers_serve_the_mapped_cache_batch_for_batch(tmp_path):
+    """num_workers=2 (forked workers share the mapping) gives the batches of num_workers=0."""
+    kwargs = _folder_kwargs(tmp_path, n=40, batch_size=4)
+    batches = {}
+    for workers in (0, 2):
+        dm = FolderDataModule(**kwargs, num_workers=workers)
+        dm.setup()
+        batches[workers] = [b[0] for b in dm.train_dataloader()]
+    assert len(batches[0]) == 8
+    for a, b in zip(batches[0], batches[2], strict=True):
+        assert torch.equal(a, b)
 
 
 def test_celeba_crop_is_a_fraction_so_full_and_half_size_copies_agree(tmp_path):

@@ -1,7 +1,15 @@
-"""LightningDataModules. Every dataset is read once into uint8 tensors at the target
-resolution, cached on disk (``cache_dir``), and served from memory; batches are converted to
-[-1, 1] after they reach the device (``on_after_batch_transfer``), with an optional random
-horizontal flip on training batches.
+"""LightningDataModules. Every dataset is decoded once to uint8 images at the target
+resolution and cached on disk (``cache_dir``) as a raw file that is memory-mapped, so a
+dataset larger than memory (ImageNet-64: 1.28 M images, 15.7 GB) trains with bounded resident
+memory, and DataLoader workers and DDP ranks share one copy in the page cache
+(``in_memory=true`` reads it into RAM instead). A folder is decoded straight into the file,
+never whole into memory. Batches are converted to [-1, 1] after they reach the device
+(``on_after_batch_transfer``), with an optional random horizontal flip on training batches.
+
+The cache of a split is three files beside each other, each written atomically: ``<key>.u8``
+(the images, row after row, (N, C, H, W)), ``<key>.labels.npy`` and ``<key>.json`` (shape and
+count of unreadable files), written last: a cache without its ``.json``, or whose files do
+not match it, is rebuilt.
 
 Splits: ``train`` and ``val``. For MNIST, Fashion-MNIST and CIFAR-10 ``val`` is the official
 test set; for CelebA it is the official validation partition when
@@ -17,16 +25,18 @@ import os
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from genlab.data import readers
 from genlab.data.convert import to_model
 from genlab.data.readers import not_found
-from genlab.runs import atomic_torch_save
+from genlab.runs import atomic_file, atomic_write_text
 from genlab.utils import ConfigError
 
 SPLITS = ("train", "val")
+CACHE_FORMAT = "genlab-uint8-cache/2"  # version 1 was one torch.save'd .pt file
 BINARIZE = (None, "static", "dynamic")
 BINARIZE_SEEDS = {"train": 0, "val": 1}
 
@@ -85,9 +95,11 @@ class ImageDataModule(L.LightningDataModule):
         channels: 1 or 3; sources are converted if they differ.
         num_classes: number of labels (0 for unlabelled data); checked against the source.
         batch_size / eval_batch_size: per-process batch sizes for training / validation.
-        num_workers: DataLoader workers (0 is fastest for in-memory tensors).
+        num_workers: DataLoader workers (0 is fastest for cached images; workers share the
+            memory-mapped cache).
         hflip: random horizontal flips on training batches.
-        cache_dir: where decoded tensors are cached (None: no cache).
+        cache_dir: where decoded images are cached (None: no cache, decoded into memory).
+        in_memory: read the cache into memory instead of memory-mapping it.
         download: let torchvision download missing files (needs network).
         seed: seeds the training shuffle.
         binarize: None (8-bit grey values), ``static`` (every split binarised once: pixel k
@@ -115,6 +127,7 @@ class ImageDataModule(L.LightningDataModule):
         download: bool = True,
         seed: int = 0,
         binarize: str | None = None,
+        in_memory: bool = False,
     ):
         super().__init__()
         if binarize not in BINARIZE:
@@ -139,6 +152,7 @@ class ImageDataModule(L.LightningDataModule):
         self.download = download
         self.seed = seed
         self.binarize = binarize
+        self.in_memory = bool(in_memory)
         # data batches one global step consumes (a GAN's n_critic discriminator batches per
         # generator step): handed in by whoever pairs the data with a model (genlab.train),
         # so a mid-epoch resume skips exactly what was trained
@@ -171,32 +185,84 @@ class ImageDataModule(L.LightningDataModule):
         return (self.channels, self.image_size, self.image_size)
 
     def cache_path(self, split: str) -> Path | None:
+        """The cache's stem: ``<stem>.u8``, ``<stem>.labels.npy`` and ``<stem>.json``."""
         if self.cache_dir is None:
             return None
         fields = self.cache_fields(split)
         fields.pop("binarize", None)  # the cache holds the 8-bit images either way
         key = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
-        name = f"{self.name}-{split}-{self.channels}x{self.image_size}x{self.image_size}-{key}.pt"
+        name = f"{self.name}-{split}-{self.channels}x{self.image_size}x{self.image_size}-{key}"
         return self.cache_dir / name
+
+    def write_split(self, split: str, out) -> torch.Tensor:
+        """Write the split's uint8 images at the target geometry to the binary file ``out``,
+        row after row; return the labels. Here: ``read_split`` in memory (the torchvision
+        datasets are small); folders stream instead."""
+        images, labels = self._read_resized(split)
+        out.write(images.contiguous().numpy().data)
+        return labels
+
+    def _read_resized(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.read_split(split)
+        images = readers.resize_uint8(
+            readers.match_channels(images, self.channels), self.image_size
+        )
+        return images, labels.long()
+
+    def _open_cache(self, stem: Path) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """The cached images (memory-mapped, copy-on-write: never written back), labels and
+        unreadable count; None when the cache is absent, incomplete or does not match."""
+        meta_path, data_path = stem.with_suffix(".json"), stem.with_suffix(".u8")
+        labels_path = stem.with_suffix(".labels.npy")
+        try:
+            meta = json.loads(meta_path.read_text())
+            shape = tuple(int(d) for d in meta["shape"])
+            labels = torch.from_numpy(np.load(labels_path))
+            complete = (
+                meta.get("format") == CACHE_FORMAT
+                and shape[1:] == self.image_shape
+                and data_path.stat().st_size == int(np.prod(shape))
+                and len(labels) == shape[0]
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not complete:
+            return None
+        if self.in_memory:
+            images = torch.from_numpy(np.fromfile(data_path, dtype=np.uint8).reshape(shape))
+        else:
+            images = torch.from_numpy(np.memmap(data_path, dtype=np.uint8, mode="c", shape=shape))
+        return images, labels.long(), int(meta.get("unreadable", 0))
+
+    def _build_cache(self, split: str, stem: Path) -> None:
+        """Decode the split into ``stem``'s files, each atomically, the ``.json`` last."""
+        with atomic_file(stem.with_suffix(".u8")) as out:
+            labels = self.write_split(split, out)
+            size = out.tell()
+        row = int(np.prod(self.image_shape))
+        if size != row * len(labels):
+            raise RuntimeError(f"{self.name}/{split}: wrote {size} bytes for {len(labels)} images")
+        with atomic_file(stem.with_suffix(".labels.npy")) as out:
+            np.save(out, labels.numpy().astype(np.int64))
+        meta = {"format": CACHE_FORMAT, "shape": [len(labels), *self.image_shape],
+                "unreadable": self.unreadable.get(split, 0)}  # fmt: skip
+        atomic_write_text(stem.with_suffix(".json"), json.dumps(meta))
 
     def load_split(self, split: str) -> TensorDataset:
         """uint8 images and labels of one split, from memory, the cache, or the source."""
         if split in self._splits:
             return self._splits[split]
-        path = self.cache_path(split)
-        if path is not None and path.exists():
-            blob = torch.load(path, weights_only=True)
-            images, labels = blob["images"], blob["labels"]
-            self.unreadable[split] = int(blob.get("unreadable", 0))
+        stem = self.cache_path(split)
+        if stem is None:
+            images, labels = self._read_resized(split)
         else:
-            images, labels = self.read_split(split)
-            images = readers.resize_uint8(
-                readers.match_channels(images, self.channels), self.image_size
-            )
-            labels = labels.long()
-            if path is not None:
-                skipped = self.unreadable.get(split, 0)
-                atomic_torch_save({"images": images, "labels": labels, "unreadable": skipped}, path)
+            cached = self._open_cache(stem)
+            if cached is None:
+                self._build_cache(split, stem)
+                cached = self._open_cache(stem)
+                if cached is None:
+                    raise RuntimeError(f"the cache {stem}.json was written but cannot be read")
+            images, labels, self.unreadable[split] = cached
         self._check(images, labels, split)
         if self.binarize:
             self._grey[split] = TensorDataset(images, labels)
@@ -368,6 +434,23 @@ class FolderDataModule(ImageDataModule):
         )
         self.unreadable[split] = len(files) - len(kept)
         return images, self.labels_for([files[i] for i in kept])
+
+    def write_split(self, split, out):
+        """Streams: each image is written as it is decoded, never the split in memory."""
+        files = self.split_files(self._files(), split)
+        if not files:
+            raise ConfigError(
+                f"the {split} split of {self.root} is empty; adjust data.val_fraction"
+            )
+        kept = []
+        decoded = readers.decoded(
+            files, self.image_size, self.crop, self.channels, desc=f"{self.name}/{split}"
+        )
+        for i, image in decoded:
+            out.write(image.contiguous().numpy().data)
+            kept.append(i)
+        self.unreadable[split] = len(files) - len(kept)
+        return self.labels_for([files[i] for i in kept]).long()
 
 
 class CelebADataModule(FolderDataModule):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -154,28 +155,41 @@ def _decode(path: Path, size: int, crop: float, channels: int) -> torch.Tensor |
     return array.view(size, size, channels).permute(2, 0, 1)
 
 
-def decode_images(
+def decoded(
     files: list[Path], size: int, crop: float, channels: int, desc: str = "decoding"
-) -> tuple[torch.Tensor, list[int]]:
-    """Decode files to uint8 (N_ok, C, size, size); returns the tensor and the indices kept.
-    Unreadable files are skipped and reported in one ``CorruptImageWarning``."""
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Decode files one after another (in order, on a thread pool): yields ``(index, uint8
+    (C, size, size))`` for each readable file; unreadable ones are skipped and reported at the
+    end in one ``CorruptImageWarning``. Nothing is held beyond the pool's read-ahead, so a
+    caller can stream a dataset larger than memory to disk."""
     if not 0.0 < crop <= 1.0:
         raise ValueError(f"crop is a fraction of the shorter side in (0, 1], got {crop}")
-    out, kept, bad = [], [], []
+    bad, n_ok = [], 0
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         results = pool.map(lambda f: _decode(f, size, crop, channels), files, chunksize=64)
         for i, res in enumerate(tqdm(results, total=len(files), desc=desc, leave=False)):
             if isinstance(res, str):
                 bad.append(res)
             else:
-                out.append(res)
-                kept.append(i)
+                n_ok += 1
+                yield i, res
     if bad:
         warnings.warn(
             f"skipped {len(bad)} unreadable image file(s) of {len(files)} (first: {bad[0]})",
             CorruptImageWarning,
             stacklevel=2,
         )
-    if not out:
+    if not n_ok:
         raise ValueError(f"none of the {len(files)} image files could be read (first: {bad[0]})")
+
+
+def decode_images(
+    files: list[Path], size: int, crop: float, channels: int, desc: str = "decoding"
+) -> tuple[torch.Tensor, list[int]]:
+    """Decode files to uint8 (N_ok, C, size, size) in memory; returns the tensor and the
+    indices kept (see ``decoded``)."""
+    kept, out = [], []
+    for i, image in decoded(files, size, crop, channels, desc):
+        kept.append(i)
+        out.append(image)
     return torch.stack(out), kept
