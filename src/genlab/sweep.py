@@ -19,7 +19,14 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from genlab.runs import HEADLINE, find_runs, load_run, metric_columns
+from genlab.runs import (
+    HEADLINE,
+    atomic_file,
+    atomic_write_text,
+    find_runs,
+    load_run,
+    metric_columns,
+)
 from genlab.utils import wandb_mode
 
 log = logging.getLogger("genlab")
@@ -38,8 +45,9 @@ def sweep_table(sweep: str | Path) -> tuple[list[str], list[dict]]:
 
 
 def write_table(sweep: Path, columns: list[str], records: list[dict]) -> None:
-    (sweep / "sweep.json").write_text(json.dumps({"jobs": records}, indent=2) + "\n")
-    with (sweep / "results.csv").open("w", newline="") as f:
+    """sweep.json and results.csv, each atomically: a kill while writing leaves the old ones."""
+    atomic_write_text(sweep / "sweep.json", json.dumps({"jobs": records}, indent=2) + "\n")
+    with atomic_file(sweep / "results.csv", "w") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(records)
