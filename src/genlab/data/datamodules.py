@@ -1,6 +1,6 @@
 """LightningDataModules. Every dataset is decoded once to uint8 images at the target
 resolution and cached on disk (``cache_dir``) as a raw file that is memory-mapped, so a
-dataset larger than memory (ImageNet-64: 1.28 M images, 15.7 GB) trains with bounded resident
+dataset larger than memory (ImageNet-64: 1.28 M images, 15.7 GB) trains with bounded private
 memory, and DataLoader workers and DDP ranks share one copy in the page cache
 (``in_memory=true`` reads it into RAM instead). A folder is decoded straight into the file,
 never whole into memory. Batches are converted to [-1, 1] after they reach the device
