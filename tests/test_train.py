@@ -302,13 +302,14 @@ DDP = [
     "~callbacks.sample_grid",
     "trainer.val_check_interval=3",
     "trainer.limit_val_batches=1",
-    "metrics=none",
 ]
 
 
 def _ddp_run(model: str, run: Path, steps: int, *extra: str, world: int = 2) -> dict:
     trainer = "trainer=ddp_cpu" if world == 2 else "trainer=cpu"
-    run_cli([f"model={model}", trainer, *DDP, f"trainer.max_steps={steps}", *extra,
+    # metrics=cpu among the extra overrides replaces metrics=none
+    preset = "metrics=cpu" if any(x.startswith("metrics.") for x in extra) else "metrics=none"
+    run_cli([f"model={model}", trainer, *DDP, preset, f"trainer.max_steps={steps}", *extra,
              f"hydra.run.dir={run}"], cwd=REPO)  # fmt: skip
     summary = json.loads((run / "summary.json").read_text())
     log = (run / "train.log").read_text() if (run / "train.log").exists() else ""
@@ -326,9 +327,13 @@ def test_ddp_cpu_runs_two_processes_and_resumes_mid_epoch(model, tmp_path):
     sampler wrapper raised IndexError on the skipped prefix); the slow test below checks the
     weights of a DDP resume."""
     _ddp_run(model, tmp_path / "one", 3, world=1)
-    resumed = _ddp_run(model, tmp_path / "resumed", 5,
+    # the final evaluation is shared by the ranks (item 15; tests/test_ddp_evaluation.py)
+    metrics = [*TINY_METRICS[1:], "+metrics.progress=false", "metrics.metrics=[fid,cost]"]
+    resumed = _ddp_run(model, tmp_path / "resumed", 5, *metrics,
                        f"ckpt_path={tmp_path / 'one' / 'checkpoints' / 'last.ckpt'}")  # fmt: skip
     assert resumed["resumed_from"].endswith("last.ckpt")
+    assert resumed["evaluation"]["step"] == 5 and "val/fd_digits" in resumed["metrics"]
+    assert resumed["evaluation"]["protocol"]["ranks"]["processes"] == 2
 
 
 @pytest.mark.slow

@@ -27,23 +27,28 @@ from genlab.families.contract import Generative, Likelihood, ODELikelihood
 from genlab.metrics.evaluator import Evaluator
 from genlab.metrics.likelihood import CONVENTION
 from genlab.metrics.protocol import count_rows
-from genlab.nets.rng import SampleSeeds
+from genlab.metrics.ranks import Ranks
+from genlab.nets.rng import SampleSeeds, sample_seed
 
 log = logging.getLogger("genlab")
 
 
-def sample_chunks(model, n: int, ev: Evaluator, stats: dict) -> Iterator[torch.Tensor]:
-    """uint8 chunks of n samples, ``ev.sample_batch_size`` per ``sample`` call (seed
-    ``ev.seed``, labels balanced over the classes); adds the sampling seconds and the network
-    evaluations per image to ``stats``. Sample i draws from its own stream, seeded from
-    ``(ev.seed, i)``: the images do not depend on the batch size."""
-    seeds = SampleSeeds.for_indices(ev.seed, range(n))
-    labels = torch.arange(n) % model.num_classes if model.num_classes else None
+def sample_chunks(
+    model, n: int, ev: Evaluator, stats: dict, indices: range | None = None
+) -> Iterator[torch.Tensor]:
+    """uint8 chunks of samples ``indices`` (default all n) of the n-sample request,
+    ``ev.sample_batch_size`` per ``sample`` call (seed ``ev.seed``, labels balanced over the
+    classes); adds the sampling seconds and the network rows to ``stats``. Sample i draws
+    from its own stream, seeded from ``(ev.seed, i)``: the images depend neither on the batch
+    size nor on how the indices are shared among ranks."""
+    indices = range(n) if indices is None else indices
+    seeds = SampleSeeds.for_indices(ev.seed, indices)
+    labels = torch.as_tensor(list(indices), dtype=torch.long) % model.num_classes if model.num_classes else None
     net = model.nfe_module()
-    bar = tqdm(total=n, desc="eval: sampling", leave=False, disable=not ev.progress)
+    bar = tqdm(total=len(indices), desc="eval: sampling", leave=False, disable=not ev.progress)
     with count_rows(net) as rows:
-        for start in range(0, n, ev.sample_batch_size):
-            m = min(ev.sample_batch_size, n - start)
+        for start in range(0, len(indices), ev.sample_batch_size):
+            m = min(ev.sample_batch_size, len(indices) - start)
             y = None if labels is None else labels[start : start + m]
             t0 = time.perf_counter()
             part = seeds[start : start + m]
@@ -54,25 +59,36 @@ def sample_chunks(model, n: int, ev: Evaluator, stats: dict) -> Iterator[torch.T
             bar.update(m)
             yield to_uint8(images).cpu()
     bar.close()
-    # None where the net never ran whole (no net, or a cached autoregressive sampler)
-    stats["nfe"] = rows[0] / n if net is not None and rows[0] > 0 else None
+    # 0 where the net never ran whole (no net, or a cached autoregressive sampler)
+    stats["rows"] = rows[0] if net is not None else 0
 
 
 @torch.no_grad()
-def bits_per_dim(model, datamodule, ev: Evaluator, ode: bool = False) -> tuple[float, dict]:
+def bits_per_dim(
+    model, datamodule, ev: Evaluator, ode: bool = False, ranks: Ranks | None = None
+) -> tuple[float, dict]:
     """Mean bits/dim of the first ``ev.bpd_images`` validation images, and how: the model's
-    own ``bits_per_dim``, or (``ode``) its probability-flow ODE likelihood."""
+    own ``bits_per_dim``, or (``ode``) its probability-flow ODE likelihood. Batch b of
+    ``ev.bpd_batch_size`` images draws its noise from a stream seeded from ``(ev.seed, b)``,
+    so the batches can be shared among ranks (``ranks``) with the same result."""
+    ranks = ranks or Ranks()
     images = datamodule.load_split("val").tensors[0][: ev.bpd_images]
-    x = to_model(images).to(model.device)
-    generator = torch.Generator().manual_seed(ev.seed)
-    starts = range(0, len(x), ev.bpd_batch_size)
+    batches = math.ceil(len(images) / ev.bpd_batch_size)
+    mine = ranks.share(batches)
     name = "bits/dim (ODE)" if ode else "bits/dim"
-    bar = tqdm(starts, desc=f"eval: {name}", leave=False, disable=not ev.progress)
+    bar = tqdm(mine, desc=f"eval: {name}", leave=False, disable=not ev.progress)
     fn = model.ode_bits_per_dim if ode else model.bits_per_dim
-    bpd = torch.cat([fn(x[i : i + ev.bpd_batch_size], generator=generator).cpu() for i in bar])
-    protocol = {"images": len(x), "split": "val", "convention": CONVENTION}
+    values = []
+    for b in bar:
+        x = to_model(images[b * ev.bpd_batch_size : (b + 1) * ev.bpd_batch_size])
+        generator = torch.Generator().manual_seed(sample_seed(ev.seed, b))
+        values.append(fn(x.to(model.device), generator=generator).double().cpu())
+    per_batch = torch.stack([v.sum() for v in values]) if values else torch.zeros(0)
+    total = ranks.gather(per_batch.to(torch.float64)).sum().item()
+    value = total / max(len(images), 1)
+    protocol = {"images": len(images), "split": "val", "convention": CONVENTION,
+                "noise": "batch b of bpd_batch_size images: a stream seeded (seed, b)"}  # fmt: skip
     protocol.update(model.ode_protocol() if ode else model.bpd_protocol())
-    value = bpd.mean().item()
     if not math.isfinite(value):
         log.warning("bits/dim is not finite (%s)", value)
     return value, protocol
@@ -88,15 +104,21 @@ def guided_clip_protocol(guidance) -> dict:
 
 
 def evaluate_model(
-    ev: Evaluator, model, datamodule, n: int | None = None
+    ev: Evaluator, model, datamodule, n: int | None = None, ranks: Ranks | None = None
 ) -> tuple[dict[str, float], dict]:
     """``({"val/<name>": value}, protocol)`` of ``model`` under the protocol ``ev`` sets, with
-    n samples (default ``ev.num_samples``) compared with ``datamodule``'s reference split."""
+    n samples (default ``ev.num_samples``) compared with ``datamodule``'s reference split.
+    Under DDP (``ranks``, every rank calls it) each rank samples its block of the
+    ``sample_batch_size`` chunks and its share of the bits/dim batches; rank 0 computes the
+    metrics from the gathered features and every rank returns them. The result does not
+    depend on the number of ranks."""
     n = int(n or ev.num_samples)
+    ranks = ranks or Ranks()
     device = model.device
     guidance = model.guidance  # guided toward prompts: scored against them
     guided = guidance if guidance is not None and guidance.clip_targets(0) else None
-    scores = ev.image_metrics(datamodule.name, device, clip=guided is None)
+    share = ranks.share_chunks(n, ev.sample_batch_size)
+    scores = ev.image_metrics(datamodule.name, device, clip=guided is None, first=share.start)
     not_computed = ev.unavailable(datamodule.name)
     metrics: dict[str, float] = {}
     protocol = ev.base_protocol(datamodule, n)
@@ -108,16 +130,22 @@ def evaluate_model(
             "no sample-quality or sampling-cost metrics"
         )
     elif wants_images:
-        stats = {"sample_s": 0.0, "nfe": None}
-        for images in sample_chunks(model, n, ev, stats):
+        stats = {"sample_s": 0.0, "rows": 0}
+        for images in sample_chunks(model, n, ev, stats, indices=share):
             targets = guided.clip_targets(len(images)) if guided is not None else None
             scores.update(images, clip_targets=targets)
-        metrics, protocol = scores.compute(datamodule)
+        scores.gather(ranks)
+        if ranks.is_zero:  # the metrics once, from every rank's features
+            metrics, protocol = scores.compute(datamodule)
+        timing = ranks.gather_object((stats["sample_s"], stats["rows"]))
         if "cost" in ev.metrics:
-            metrics["sample_img_per_s"] = n / max(stats["sample_s"], 1e-9)
-            if stats["nfe"] is not None:
-                metrics["sample_nfe"] = stats["nfe"]
-            protocol["cost"] = {"device": str(device), "batch": ev.sample_batch_size}
+            # the ranks sample side by side: the request took as long as the slowest
+            metrics["sample_img_per_s"] = n / max(max(t for t, _ in timing), 1e-9)
+            rows = sum(r for _, r in timing)
+            if rows > 0:
+                metrics["sample_nfe"] = rows / n
+            protocol["cost"] = {"device": str(device), "batch": ev.sample_batch_size,
+                                "processes": ranks.world}  # fmt: skip
     if guided is not None:
         not_computed.pop("clip", None)
         protocol["clip"] = guided_clip_protocol(guided)
@@ -127,14 +155,19 @@ def evaluate_model(
         weights=described["weights"],
         labels=f"balanced over {model.num_classes} classes" if model.num_classes else None,
     )
+    if ranks.shared:
+        protocol["ranks"] = ranks.protocol()
     if "bpd" in ev.metrics and isinstance(model, Likelihood):
-        metrics["bpd"], protocol["bpd"] = bits_per_dim(model, datamodule, ev)
+        metrics["bpd"], protocol["bpd"] = bits_per_dim(model, datamodule, ev, ranks=ranks)
     if "bpd_ode" in ev.metrics and isinstance(model, ODELikelihood):
         if "bpd" in metrics and model.bpd_protocol() == model.ode_protocol():  # EDM, flow
             metrics["bpd_ode"], protocol["bpd_ode"] = metrics["bpd"], protocol["bpd"]
         else:  # DDPM: the ODE next to its variational bound
-            metrics["bpd_ode"], protocol["bpd_ode"] = bits_per_dim(model, datamodule, ev, ode=True)
+            metrics["bpd_ode"], protocol["bpd_ode"] = bits_per_dim(
+                model, datamodule, ev, ode=True, ranks=ranks
+            )
     protocol["not_computed"] = not_computed
+    metrics, protocol = ranks.broadcast((metrics, protocol))
     return {f"val/{k}": v for k, v in metrics.items()}, protocol
 
 

@@ -1,8 +1,8 @@
 """Periodic and final evaluation: ``genlab.evaluation.evaluate_model`` with the callback's
 ``genlab.metrics.Evaluator`` (built once; it keeps the extractors and reference statistics).
 
-Every ``every_n_steps`` training steps and at the end of training, on rank 0, the callback
-evaluates the family (FID / KID / IS / precision-recall through torch-fidelity, bits/dim,
+Every ``every_n_steps`` training steps and at the end of training the callback evaluates the
+family (FID / KID / IS / precision-recall through torch-fidelity, bits/dim,
 sampling cost, optionally CLIP score), logs ``val/*`` to every logger at the current step,
 records ``{"step", "metrics", "protocol"}`` in ``<run>/evaluations.jsonl`` and keeps the last
 result in ``latest`` for ``summary.json``. The file holds each step once, whatever a kill did
@@ -12,7 +12,10 @@ a kill or a stop signal interrupted is run again when the run resumes at its ste
 (``on_train_start``, and ``finish`` after ``fit`` for the final one). Missing Inception / CLIP
 weights give one warning and are recorded under ``protocol.not_computed``; the run goes on.
 Configured by the ``metrics`` config group (``conf/metrics/*.yaml``), attached in
-``conf/callbacks``.
+``conf/callbacks``. Under DDP every rank samples its block of the samples and its share of
+the bits/dim batches, rank 0 computes the metrics from the gathered features
+(``genlab.metrics.ranks``) and alone logs and writes them; the numbers are those of one
+process.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 
 from genlab.callbacks.periodic import PeriodicCallback
 from genlab.evaluation import evaluate_model
 from genlab.metrics.evaluator import Evaluator
+from genlab.metrics.ranks import Ranks
 from genlab.runs import atomic_write_text
 
 log = logging.getLogger("genlab")
@@ -43,13 +46,24 @@ class Evaluation(PeriodicCallback):
         self.latest: dict | None = None
         self.time_s = 0.0  # total time spent evaluating (excluded from training throughput)
 
-    @rank_zero_only
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        """Every rank calls it (each samples its share); rank 0 logs and records."""
         step = trainer.global_step
         start = time.perf_counter()
-        metrics, protocol = evaluate_model(self.evaluator, pl_module, trainer.datamodule)
+        ranks = Ranks.current(pl_module.device)
+        metrics, protocol = evaluate_model(
+            self.evaluator, pl_module, trainer.datamodule, ranks=ranks
+        )
         result = {"metrics": metrics, "protocol": protocol, "time_s": time.perf_counter() - start}
         result["step"] = step
+        self.time_s += result["time_s"]
+        self.latest = result
+        if trainer.is_global_zero:
+            self._record(trainer, result)
+        return result
+
+    def _record(self, trainer: L.Trainer, result: dict) -> None:
+        step = result["step"]
         for logger in trainer.loggers:
             logger.log_metrics(result["metrics"], step=step)
             if isinstance(logger, WandbLogger):
@@ -61,9 +75,6 @@ class Evaluation(PeriodicCallback):
         atomic_write_text(self._path(trainer), "".join(lines))
         shown = ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items())
         log.info("evaluation at step %d (%.1f s): %s", step, result["time_s"], shown)
-        self.time_s += result["time_s"]
-        self.latest = result
-        return result
 
     def fire(self, trainer, pl_module):
         self.run(trainer, pl_module)

@@ -207,11 +207,14 @@ class Evaluator:
             "torch_fidelity": torch_fidelity.__version__,
         }
 
-    def image_metrics(self, dataset: str, device="cpu", clip: bool = True) -> ImageMetrics:
+    def image_metrics(
+        self, dataset: str, device="cpu", clip: bool = True, first: int = 0
+    ) -> ImageMetrics:
         """A fresh accumulator for one evaluation of images compared with ``dataset``;
-        ``clip=False``: no scorer for ``clip.prompts`` (the images bring their own)."""
+        ``clip=False``: no scorer for ``clip.prompts`` (the images bring their own); ``first``:
+        the index of the first image it will be given (a rank's block of a shared request)."""
         scorer = self.clip_scorer(device) if clip else None
-        return ImageMetrics(self, self.setup(dataset, device), scorer)
+        return ImageMetrics(self, self.setup(dataset, device), scorer, first)
 
     def evaluate_images(self, images: torch.Tensor, datamodule, device="cpu") -> dict:
         """Metrics of given uint8 images (N, C, H, W) (samples from any tool) vs the dataset:
@@ -233,8 +236,10 @@ class ImageMetrics:
     per-image CLIP scores, nothing else (the extractors, scorer and reference statistics are
     the ``Evaluator``'s)."""
 
-    def __init__(self, evaluator: Evaluator, extractors: Sequence[Extractor], clip=None):
-        self.evaluator, self.clip = evaluator, clip
+    def __init__(
+        self, evaluator: Evaluator, extractors: Sequence[Extractor], clip=None, first: int = 0
+    ):
+        self.evaluator, self.clip, self.first = evaluator, clip, int(first)
         self.stats = [FeatureStats(ext, evaluator.batch_size) for ext in extractors]
         self.reset()
 
@@ -252,7 +257,7 @@ class ImageMetrics:
             stats.update(images)
         if clip_targets is None and self.clip is not None:
             prompts = list(self.evaluator.clip_cfg["prompts"])
-            pair = [prompts[(self.num_images + i) % len(prompts)] for i in range(len(images))]
+            pair = [prompts[(self.first + self.num_images + i) % len(prompts)] for i in range(len(images))]
             clip_targets = (self.clip, pair)
         if clip_targets is not None:
             clip, pair = clip_targets
@@ -260,6 +265,26 @@ class ImageMetrics:
                 scores = clip.score_pairs(to_model(images).to(clip.device), pair)
             self.clip_scores.append(scores.cpu())
         self.num_images += len(images)
+
+    def gather(self, ranks) -> None:
+        """Every rank's features and CLIP scores, in index order, on every rank
+        (``genlab.metrics.ranks.Ranks``; a rank may have had no images); nothing to do for
+        one process."""
+        if not ranks.shared:
+            return
+        for stats in self.stats:
+            mine = stats.compute() if stats.num_images else None
+            layout = {k: (tuple(v.shape[1:]), v.dtype) for k, v in (mine or {}).items()}
+            layout = next(x for x in ranks.gather_object(layout) if x)  # some rank has images
+            empty = {k: torch.zeros((0, *shape), dtype=dtype) for k, (shape, dtype) in layout.items()}
+            features = mine or empty
+            stats._parts = [{k: ranks.gather(features[k]) for k in sorted(layout)}]
+            stats.num_images = len(stats._parts[0][sorted(layout)[0]])
+        if any(ranks.gather_object(bool(self.clip_scores))):
+            mine = torch.cat(self.clip_scores) if self.clip_scores else torch.zeros(0)
+            self.clip_scores = [ranks.gather(mine)]
+        self.num_images = sum(ranks.gather_object(self.num_images))
+        self.first = 0
 
     def compute(self, datamodule) -> tuple[dict[str, float], dict]:
         """({name: value}, protocol) of the images so far against ``datamodule``'s reference
