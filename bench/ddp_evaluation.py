@@ -49,8 +49,13 @@ def evaluate(rank: int, world: int, threads: int, args: dict, out: str, port: in
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose(
             "config",
-            ["data=synthetic", "model=diffusion", f"model.sampler.steps={args['steps']}",
-             f"paths.output_dir={out}", f"paths.data_dir={out}/data"],  # fmt: skip
+            [
+                "data=synthetic",
+                "model=diffusion",
+                f"model.sampler.steps={args['steps']}",
+                f"paths.output_dir={out}",
+                f"paths.data_dir={out}/data",
+            ],  # fmt: skip
         )
     torch.manual_seed(0)
     model = instantiate(cfg.model).eval()

@@ -43,7 +43,11 @@ def sample_chunks(
     size nor on how the indices are shared among ranks."""
     indices = range(n) if indices is None else indices
     seeds = SampleSeeds.for_indices(ev.seed, indices)
-    labels = torch.as_tensor(list(indices), dtype=torch.long) % model.num_classes if model.num_classes else None
+    labels = (
+        torch.as_tensor(list(indices), dtype=torch.long) % model.num_classes
+        if model.num_classes
+        else None
+    )
     net = model.nfe_module()
     bar = tqdm(total=len(indices), desc="eval: sampling", leave=False, disable=not ev.progress)
     with count_rows(net) as rows:

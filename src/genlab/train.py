@@ -162,6 +162,8 @@ def _rank() -> int:
 
 
 NOT_HASHED = ("hydra", "paths", "ckpt_path", "skip_completed")
+# how the model runs, not what it trains: a run may be resumed with the GPU path switched on
+MODEL_NOT_HASHED = ("compile", "channels_last")
 
 
 class RunConflictError(UserError, ValueError):
@@ -169,12 +171,14 @@ class RunConflictError(UserError, ValueError):
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """A fingerprint of what a run trains: the config without resume and Hydra keys and
-    without the paths of outputs and caches, but with the data's location (``data.root``
-    resolved), which is part of a run's identity. A run directory is continued or skipped only
-    by a run with the same fingerprint."""
+    """A fingerprint of what a run trains: the config without resume and Hydra keys, without
+    the paths of outputs and caches and without ``model.compile`` / ``model.channels_last``,
+    but with the data's location (``data.root`` resolved), which is part of a run's identity.
+    A run directory is continued or skipped only by a run with the same fingerprint."""
     plain = OmegaConf.to_container(cfg, resolve=False)
     kept = {k: v for k, v in plain.items() if k not in NOT_HASHED}
+    if isinstance(kept.get("model"), dict):
+        kept["model"] = {k: v for k, v in kept["model"].items() if k not in MODEL_NOT_HASHED}
     root = OmegaConf.select(cfg, "data.root", throw_on_resolution_failure=False)
     kept["data_root"] = str(Path(os.path.expanduser(str(root))).resolve()) if root else None
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -241,6 +245,7 @@ def train(cfg: DictConfig) -> dict:
             write_summary(run_dir, failure, merge=state.get("summary_begun", False))
         if signal_name:
             log.warning("%s: interrupted; %s", run_dir, error)
+            preemption.hand_over()  # SLURM's requeue signal: submitit requeues the job now
             raise SystemExit(preemption.exit_code()) from err  # 143 for SIGTERM, 130 for Ctrl-C
         # train.log keeps the reason (the console gets the error itself: one line for a user
         # error, a traceback for a defect)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from genlab.data.convert import from_levels
 from genlab.discrete import discretized_mix_logistic_nll, sample_mix_logistic
 from genlab.families.base import GenerativeModule
-from genlab.families.common import check_finite, class_marginal_nll
+from genlab.families.common import class_marginal_nll
 from genlab.metrics.likelihood import categorical_bits_per_dim, nats_to_bits_per_dim
 from genlab.nets import rng
 from genlab.nets.cached import cached_sampler, has_cached_sampler
@@ -58,9 +58,14 @@ class AutoregressiveModule(GenerativeModule):
         lr_scheduler: Callable | None = None,
         fast_sampling: bool = True,
         sample_batch_size: int = 64,
+        compile: bool | dict = False,
+        channels_last: bool = False,
     ):
         super().__init__(
-            optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3)), lr_scheduler
+            optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3)),
+            lr_scheduler,
+            compile=compile,
+            channels_last=channels_last,
         )
         if net.output not in ("categorical", "logistic_mixture"):
             raise ValueError(f"unknown network output {net.output!r}")
@@ -110,7 +115,7 @@ class AutoregressiveModule(GenerativeModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = self.nll_bits_per_dim(x, y).mean()
-        check_finite("train/loss", loss, self.global_step)
+        self.check_finite("train/loss", loss)
         self.log("train/loss", loss, prog_bar=True)  # bits/dim
         return loss
 

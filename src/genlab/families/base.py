@@ -6,6 +6,10 @@
 - the EMA weight swap as a context manager (``ema_weights``) and eval mode (``evaluating``);
 - parameter counts and ``describe()``, the training/sampling protocol recorded with results;
 - guidance, handed in explicitly (``set_guidance``) and asked to wrap what it acts on;
+- the GPU path, off by default: ``compile`` (``torch.compile`` of each network in place, so
+  checkpoints keep their keys), ``channels_last`` (weights and image batches in NHWC), fused
+  Adam/AdamW on CUDA, and the finite-loss check kept on the device between log steps and
+  checkpoints, so a training step never waits for the host;
 - for families that sample (``GenerativeModule``), the chunked, eval-mode ``sample()`` loop:
   a family writes only its per-chunk ``draw``.
 
@@ -14,6 +18,7 @@ The capabilities callers may rely on are the Protocols of ``genlab.families.cont
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -22,6 +27,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from genlab.families.common import DivergenceError, check_finite
 from genlab.families.optim_state import adopt_configured
 from genlab.nets import rng
 
@@ -56,6 +62,19 @@ def optimizers(optimizer_fn, lr_scheduler_fn, params):
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def fused_on_cuda(optimizer_fn: Callable, device: torch.device) -> Callable:
+    """``optimizer_fn`` with ``fused=True`` when it is a partial Adam / AdamW on a CUDA device
+    that does not choose an implementation itself (``fused`` or ``foreach`` given): one kernel
+    for the whole update instead of torch's default multi-tensor (foreach) one."""
+    if torch.device(device).type != "cuda" or not isinstance(optimizer_fn, functools.partial):
+        return optimizer_fn
+    if optimizer_fn.func not in (torch.optim.Adam, torch.optim.AdamW):
+        return optimizer_fn
+    if {"fused", "foreach"} & set(optimizer_fn.keywords):
+        return optimizer_fn
+    return functools.partial(optimizer_fn, fused=True)
+
+
 def _swap(a: Iterable[torch.Tensor], b: Iterable[torch.Tensor]) -> None:
     for x, y in zip(a, b, strict=True):
         x.data, y.data = y.data, x.data
@@ -69,10 +88,23 @@ class FamilyModule(L.LightningModule):
     #: data batches one global step consumes (a GAN's n_critic discriminator batches)
     batches_per_step: int = 1
 
-    def __init__(self, optimizer: Callable | None = None, lr_scheduler: Callable | None = None):
+    def __init__(
+        self,
+        optimizer: Callable | None = None,
+        lr_scheduler: Callable | None = None,
+        compile: bool | dict = False,
+        channels_last: bool = False,
+    ):
         super().__init__()
         self.optimizer_fn = optimizer
         self.lr_scheduler_fn = lr_scheduler
+        if not isinstance(compile, bool) and not hasattr(compile, "keys"):
+            raise ValueError(
+                f"model.compile must be true, false or torch.compile's options, got {compile!r}"
+            )
+        self.compile_options = dict(compile) if hasattr(compile, "keys") else compile
+        self.channels_last = bool(channels_last)
+        self._nonfinite: dict[str, torch.Tensor] = {}  # name -> first non-finite step, on device
         self.num_classes = 0
         self.ema = None
         self.guidance = None
@@ -80,8 +112,82 @@ class FamilyModule(L.LightningModule):
         self._resumed = False  # a checkpoint was loaded: on_train_start adopts the config's
         self._ema_in = False  # the EMA weights are swapped in (ema_weights is re-entrant)
 
+    # ------------------------------------------------------------------ the GPU path
+    def networks(self) -> list[nn.Module]:
+        """What ``compile`` compiles: the family's networks (its direct submodules with
+        parameters), not the EMA copy or guidance."""
+        return [
+            m for m in self.children()
+            if m is not self.ema and any(True for _ in m.parameters())
+        ]  # fmt: skip
+
+    def configure_model(self) -> None:
+        """Lightning's hook before the strategy wraps the module: channels-last weights and
+        ``torch.compile`` of each network in place (``nn.Module.compile``: state dict keys
+        unchanged, so checkpoints load either way). Idempotent."""
+        if self.channels_last and not getattr(self, "_channels_last_done", False):
+            self.to(memory_format=torch.channels_last)
+            self._channels_last_done = True
+        if self.compile_options and not getattr(self, "_compiled", False):
+            options = {} if self.compile_options is True else dict(self.compile_options)
+            nets = self.networks()
+            for net in nets:
+                net.compile(**options)
+            self._compiled = True
+            log.info("torch.compile %s: %s", options or "(defaults)",
+                     ", ".join(type(n).__name__ for n in nets))  # fmt: skip
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.channels_last:  # image batches in NHWC, as the weights
+            convert = lambda t: (  # noqa: E731
+                t.contiguous(memory_format=torch.channels_last)
+                if isinstance(t, torch.Tensor) and t.ndim == 4 and t.is_floating_point()
+                else t
+            )
+            if isinstance(batch, (list, tuple)):
+                return type(batch)(convert(t) for t in batch)
+            return convert(batch)
+        return batch
+
+    def check_finite(self, name: str, value: torch.Tensor) -> None:
+        """Stop on a NaN or infinite loss (``DivergenceError``). On the CPU at once; on an
+        accelerator the first non-finite step is kept on the device and looked at every
+        ``log_every_n_steps`` steps, before every checkpoint and at the end of training, so
+        the step never waits for the host and a diverged state is never saved."""
+        if not self._defers_finite_check(value):
+            check_finite(name, value, self.global_step)
+            return
+        bad = ~torch.isfinite(value.detach()).all()
+        step = torch.full((), self.global_step, dtype=torch.long, device=value.device)
+        first = self._nonfinite.get(name)
+        if first is None:
+            first = torch.full_like(step, -1)
+        self._nonfinite[name] = torch.where((first < 0) & bad, step, first)
+
+    @staticmethod
+    def _defers_finite_check(value: torch.Tensor) -> bool:
+        """Reading a CPU tensor costs nothing; an accelerator's would wait for its queue."""
+        return value.device.type != "cpu"
+
+    def raise_if_diverged(self) -> None:
+        """The device-side check of ``check_finite``, read (one host sync)."""
+        found = {name: int(first) for name, first in self._nonfinite.items()}
+        self._nonfinite.clear()
+        for name, step in found.items():
+            if step >= 0:
+                raise DivergenceError(f"{name} is non-finite at step {step}: training diverged")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        every = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 1))
+        if self._nonfinite and self.global_step % every == 0:
+            self.raise_if_diverged()
+
+    def on_train_end(self) -> None:
+        self.raise_if_diverged()
+
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.raise_if_diverged()  # a state reached after a non-finite loss is never saved
         checkpoint["rng_state"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -103,7 +209,8 @@ class FamilyModule(L.LightningModule):
         return self.parameters()
 
     def configure_optimizers(self):
-        return optimizers(self.optimizer_fn, self.lr_scheduler_fn, self.trainable_parameters())
+        optimizer_fn = fused_on_cuda(self.optimizer_fn, self.device)
+        return optimizers(optimizer_fn, self.lr_scheduler_fn, self.trainable_parameters())
 
     # ------------------------------------------------------------------ weights
     def ema_target(self) -> nn.Module | None:

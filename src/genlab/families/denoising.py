@@ -22,7 +22,6 @@ from genlab.diffusion import ode_likelihood
 from genlab.diffusion.frame import NoiseFrame
 from genlab.diffusion.samplers import heun
 from genlab.families.base import GenerativeModule
-from genlab.families.common import check_finite
 from genlab.families.contract import Denoiser
 from genlab.nets import rng
 from genlab.nets.ema import EMA
@@ -104,9 +103,14 @@ class DenoisingModule(GenerativeModule):
         ode_steps: int = 64,
         ode_divergence: str = "hutchinson",
         ode_probes: int = 1,
+        compile: bool | dict = False,
+        channels_last: bool = False,
     ):
         super().__init__(
-            optimizer or (lambda params: torch.optim.AdamW(params, lr=2e-4)), lr_scheduler
+            optimizer or (lambda params: torch.optim.AdamW(params, lr=2e-4)),
+            lr_scheduler,
+            compile=compile,
+            channels_last=channels_last,
         )
         self.ode = {"steps": int(ode_steps), "divergence": ode_divergence,
                     "probes": int(ode_probes)}  # fmt: skip
@@ -134,7 +138,7 @@ class DenoisingModule(GenerativeModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = self.loss(x, self._labels(y, drop=True)).mean()
-        check_finite("train/loss", loss, self.global_step)
+        self.check_finite("train/loss", loss)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

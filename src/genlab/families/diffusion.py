@@ -21,6 +21,7 @@ from genlab.diffusion.samplers import ddim
 from genlab.diffusion.schedules import LinearSchedule, NoiseSchedule
 from genlab.families.contract import Denoiser
 from genlab.families.denoising import DenoisingModule
+from genlab.nets import rng
 
 __all__ = ["DiffusionModule"]
 
@@ -70,10 +71,13 @@ class DiffusionModule(DenoisingModule):
         ode_steps: int = 64,
         ode_divergence: str = "hutchinson",
         ode_probes: int = 1,
+        compile: bool | dict = False,
+        channels_last: bool = False,
     ):
         super().__init__(net, image_shape, optimizer, lr_scheduler, ema_decay, num_classes,
                          cond_drop_prob, sampler or ddim, sample_batch_size, ode_steps,
-                         ode_divergence, ode_probes)  # fmt: skip
+                         ode_divergence, ode_probes, compile=compile,
+                         channels_last=channels_last)  # fmt: skip
         if prediction not in process.PREDICTIONS:
             raise ValueError(f"prediction must be one of {process.PREDICTIONS}, got {prediction!r}")
         self.prediction = prediction
@@ -89,8 +93,9 @@ class DiffusionModule(DenoisingModule):
     def diffusion_loss(self, x0, y, generator: torch.Generator | None = None) -> torch.Tensor:
         """Simple loss (Ho et al. 2020, Eq. 14) in the chosen parameterisation, per sample."""
         b = x0.shape[0]
-        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        # on the device when no generator is given: no host draw and copy every step
+        t = rng.randint(0, self.schedule.num_timesteps, (b,), generator, device=x0.device)
+        noise = rng.randn(x0.shape, generator, device=x0.device)
         x_t = process.q_sample(self.schedule, x0, t, noise)
         target = process.training_target(self.prediction, self.schedule, x0, t, noise)
         out = self.net(x_t, t, y)

@@ -29,6 +29,7 @@ from torch import nn
 from genlab.diffusion.frame import EDMFrame
 from genlab.families.contract import Denoiser
 from genlab.families.denoising import DenoisingModule, bcast, per_sample_mse
+from genlab.nets import rng
 
 
 class EDMModule(DenoisingModule):
@@ -59,10 +60,12 @@ class EDMModule(DenoisingModule):
         ode_steps: int = 64,
         ode_divergence: str = "hutchinson",
         ode_probes: int = 1,
+        compile: bool | dict = False,
+        channels_last: bool = False,
     ):
         super().__init__(net, image_shape, optimizer, lr_scheduler, ema_decay, num_classes,
                          cond_drop_prob, sampler, sample_batch_size, ode_steps, ode_divergence,
-                         ode_probes)  # fmt: skip
+                         ode_probes, compile=compile, channels_last=channels_last)  # fmt: skip
         self.sigma_data, self.p_mean, self.p_std = float(sigma_data), float(p_mean), float(p_std)
         self.frame = EDMFrame(sigma_min, sigma_max)
 
@@ -82,14 +85,15 @@ class EDMModule(DenoisingModule):
         sigma = sigma.double()
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
-    def sample_sigma(self, b: int, generator: torch.Generator | None) -> torch.Tensor:
+    def sample_sigma(self, b: int, generator: torch.Generator | None, device=None) -> torch.Tensor:
         """(B,) training noise levels: ln sigma ~ N(p_mean, p_std^2)."""
-        return (self.p_mean + self.p_std * torch.randn(b, generator=generator).double()).exp()
+        draw = rng.randn((b,), generator, device=device).double()
+        return (self.p_mean + self.p_std * draw).exp()
 
     def loss(self, x0, y, generator: torch.Generator | None = None) -> torch.Tensor:
         """|F(c_in x, c_noise) - (x0 - c_skip x) / c_out|^2 per sample (Eq. 8 with lambda)."""
-        sigma = self.sample_sigma(x0.shape[0], generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        sigma = self.sample_sigma(x0.shape[0], generator, x0.device)
+        noise = rng.randn(x0.shape, generator, device=x0.device)
         x = x0 + bcast(sigma, x0) * noise
         c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
         out = self.net(bcast(c_in, x) * x, c_noise.to(x.dtype), y)

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from genlab.diffusion.frame import FlowFrame
-from genlab.families.common import check_finite
 from genlab.families.contract import Denoiser
 from genlab.families.denoising import DenoisingModule, bcast, per_sample_mse
+from genlab.nets import rng
 
 TIME_SAMPLING = ("uniform", "logit_normal")
 COUPLINGS = ("independent", "ot")
@@ -80,10 +80,12 @@ class FlowModule(DenoisingModule):
         ode_steps: int = 64,
         ode_divergence: str = "hutchinson",
         ode_probes: int = 1,
+        compile: bool | dict = False,
+        channels_last: bool = False,
     ):
         super().__init__(net, image_shape, optimizer, lr_scheduler, ema_decay, num_classes,
                          cond_drop_prob, sampler, sample_batch_size, ode_steps, ode_divergence,
-                         ode_probes)  # fmt: skip
+                         ode_probes, compile=compile, channels_last=channels_last)  # fmt: skip
         if time_sampling not in TIME_SAMPLING:
             raise ValueError(f"time_sampling must be one of {TIME_SAMPLING}, got {time_sampling!r}")
         if coupling not in COUPLINGS:
@@ -94,20 +96,21 @@ class FlowModule(DenoisingModule):
         self.frame = FlowFrame(t_min, t_max)
 
     # ------------------------------------------------------------------ training
-    def sample_time(self, b: int, generator: torch.Generator | None) -> torch.Tensor:
+    def sample_time(self, b: int, generator: torch.Generator | None, device=None) -> torch.Tensor:
         """(B,) training times in (0, 1)."""
         if self.time_sampling == "uniform":
-            return torch.rand(b, generator=generator)
-        return torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(b, generator=generator))
+            return rng.rand((b,), generator, device=device)
+        draw = rng.randn((b,), generator, device=device)
+        return torch.sigmoid(self.logit_mean + self.logit_std * draw)
 
     def velocity(self, x_t, t, y) -> torch.Tensor:
         return self.net(x_t, (self.time_scale * t).to(x_t.dtype), y)
 
     def loss(self, x0, y, generator=None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """|v_theta(x_t, t) - (eps - x0)|^2 per sample on the linear path."""
-        t = self.sample_time(x0.shape[0], generator).to(x0.device)
+        t = self.sample_time(x0.shape[0], generator, x0.device)
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+            noise = rng.randn(x0.shape, generator, device=x0.device)
             if self.coupling == "ot":
                 noise = noise[ot_pairing(x0, noise, y).to(noise.device)]
         x_t = (1 - bcast(t, x0)) * x0 + bcast(t, x0) * noise
@@ -117,7 +120,7 @@ class FlowModule(DenoisingModule):
         if len(batch) == 3:  # (x, y, noise): coupled pairs (reflow)
             x, y, noise = batch
             loss = self.loss(x, self._labels(y, drop=True), noise=noise).mean()
-            check_finite("train/loss", loss, self.global_step)
+            self.check_finite("train/loss", loss)
             self.log("train/loss", loss, prog_bar=True)
             return loss
         return super().training_step(batch, batch_idx)

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genlab.families.base import GenerativeModule
-from genlab.families.common import check_finite
+from genlab.families.base import GenerativeModule, fused_on_cuda
 from genlab.nets import rng
 from genlab.nets.augment import diff_augment
 from genlab.nets.ema import EMA
@@ -84,8 +83,10 @@ class GANModule(GenerativeModule):
         truncation: float | None = None,
         sample_batch_size: int = 256,
         gradient_clip_val: float | None = None,
+        compile: bool | dict = False,
+        channels_last: bool = False,
     ):
-        super().__init__()
+        super().__init__(compile=compile, channels_last=channels_last)
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.automatic_optimization = False
@@ -155,7 +156,7 @@ class GANModule(GenerativeModule):
         with torch.no_grad():
             fake = self.generator(z, y_fake)
         loss_d, stats = self.d_loss(real, y_real, fake, y_fake)
-        check_finite("train/loss_d", loss_d, self.global_step)
+        self.check_finite("train/loss_d", loss_d)
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(loss_d)
         self._clip(opt_d)
@@ -168,7 +169,7 @@ class GANModule(GenerativeModule):
         self.discriminator.requires_grad_(False)
         z, y_fake = self._noise(real.shape[0])
         loss_g = self.g_loss(self.generator(z, y_fake), y_fake)
-        check_finite("train/loss_g", loss_g, self.global_step)
+        self.check_finite("train/loss_g", loss_g)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss_g)
         self._clip(opt_g)
@@ -181,8 +182,8 @@ class GANModule(GenerativeModule):
 
     def configure_optimizers(self):
         return [
-            self.g_optimizer_fn(self.generator.parameters()),
-            self.d_optimizer_fn(self.discriminator.parameters()),
+            fused_on_cuda(self.g_optimizer_fn, self.device)(self.generator.parameters()),
+            fused_on_cuda(self.d_optimizer_fn, self.device)(self.discriminator.parameters()),
         ]
 
     # ------------------------------------------------------------------ precision

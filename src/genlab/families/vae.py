@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from genlab.families.base import GenerativeModule
-from genlab.families.common import check_finite
 from genlab.families.likelihoods import DecoderLikelihood
 from genlab.metrics.likelihood import importance_weighted_bound, nats_to_bits_per_dim
 from genlab.nets import rng
@@ -77,9 +76,14 @@ class VAEModule(GenerativeModule):
         lr_scheduler: Callable | None = None,
         sample_batch_size: int = 256,
         sample_mean: bool = True,
+        compile: bool | dict = False,
+        channels_last: bool = False,
     ):
         super().__init__(
-            optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3)), lr_scheduler
+            optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3)),
+            lr_scheduler,
+            compile=compile,
+            channels_last=channels_last,
         )
         self.encoder, self.decoder = encoder, decoder
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -133,7 +137,7 @@ class VAEModule(GenerativeModule):
         recon, kl, _ = self.elbo_terms(x, y)
         beta = self.kl_weight()
         loss = (recon + beta * kl).mean()
-        check_finite("train/loss", loss, self.global_step)
+        self.check_finite("train/loss", loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict(
             {

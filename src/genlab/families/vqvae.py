@@ -29,7 +29,7 @@ from torch import nn
 
 from genlab.families.autoregressive import sample_categorical
 from genlab.families.base import FamilyModule, GenerativeModule, count_parameters
-from genlab.families.common import check_finite, class_marginal_nll
+from genlab.families.common import class_marginal_nll
 from genlab.families.likelihoods import DecoderLikelihood
 from genlab.metrics.likelihood import nats_to_bits_per_dim
 from genlab.nets import rng
@@ -59,9 +59,14 @@ class VQVAEModule(FamilyModule):
         optimizer: Callable | None = None,
         lr_scheduler: Callable | None = None,
         sample_batch_size: int = 256,
+        compile: bool | dict = False,
+        channels_last: bool = False,
     ):
         super().__init__(
-            optimizer or (lambda params: torch.optim.Adam(params, lr=2e-4)), lr_scheduler
+            optimizer or (lambda params: torch.optim.Adam(params, lr=2e-4)),
+            lr_scheduler,
+            compile=compile,
+            channels_last=channels_last,
         )
         self.encoder, self.decoder, self.quantizer = encoder, decoder, quantizer
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -100,7 +105,7 @@ class VQVAEModule(FamilyModule):
         recon, q = self.terms(x)
         dims = x[0].numel()
         loss = recon.mean() / dims + q.codebook + self.commitment * q.commitment
-        check_finite("train/loss", loss, self.global_step)
+        self.check_finite("train/loss", loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict(
             {
@@ -190,9 +195,14 @@ class VQPriorModule(GenerativeModule):
         lr_scheduler: Callable | None = None,
         fast_sampling: bool = True,
         sample_batch_size: int = 64,
+        compile: bool | dict = False,
+        channels_last: bool = False,
     ):
         super().__init__(
-            optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3)), lr_scheduler
+            optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3)),
+            lr_scheduler,
+            compile=compile,
+            channels_last=channels_last,
         )
         from genlab.runs import load_model  # the first stage's run directory
 
@@ -236,7 +246,7 @@ class VQPriorModule(GenerativeModule):
 
     def training_step(self, batch, batch_idx):
         loss = self._step_loss(batch)
-        check_finite("train/loss", loss, self.global_step)
+        self.check_finite("train/loss", loss)
         self.log("train/loss", loss, prog_bar=True)  # bits per code position
         return loss
 

@@ -257,7 +257,10 @@ class ImageMetrics:
             stats.update(images)
         if clip_targets is None and self.clip is not None:
             prompts = list(self.evaluator.clip_cfg["prompts"])
-            pair = [prompts[(self.first + self.num_images + i) % len(prompts)] for i in range(len(images))]
+            pair = [
+                prompts[(self.first + self.num_images + i) % len(prompts)]
+                for i in range(len(images))
+            ]
             clip_targets = (self.clip, pair)
         if clip_targets is not None:
             clip, pair = clip_targets
@@ -276,7 +279,9 @@ class ImageMetrics:
             mine = stats.compute() if stats.num_images else None
             layout = {k: (tuple(v.shape[1:]), v.dtype) for k, v in (mine or {}).items()}
             layout = next(x for x in ranks.gather_object(layout) if x)  # some rank has images
-            empty = {k: torch.zeros((0, *shape), dtype=dtype) for k, (shape, dtype) in layout.items()}
+            empty = {
+                k: torch.zeros((0, *shape), dtype=dtype) for k, (shape, dtype) in layout.items()
+            }
             features = mine or empty
             stats._parts = [{k: ranks.gather(features[k]) for k in sorted(layout)}]
             stats.num_images = len(stats._parts[0][sorted(layout)[0]])

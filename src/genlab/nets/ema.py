@@ -23,11 +23,20 @@ class EMA(nn.Module):
         self.warmup = warmup
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # a host copy of num_updates, so that an update never waits for the GPU (None: read
+        # the buffer once, after a checkpoint load)
+        self._updates: int | None = 0
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._updates = None
 
     def current_decay(self) -> float:
-        n = int(self.num_updates)
         if not self.warmup:
             return self.decay
+        if self._updates is None:
+            self._updates = int(self.num_updates)
+        n = self._updates
         return min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
@@ -39,6 +48,7 @@ class EMA(nn.Module):
         for b_ema, b in zip(self.module.buffers(), model.buffers()):
             b_ema.copy_(b)
         self.num_updates += 1
+        self._updates += 1
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)

@@ -8,9 +8,10 @@ stack each sample's own draws when handed one. So the images for a seed are the 
 batch size and any number of ranks (up to the floating-point reassociation of a batched
 network, about 1e-6).
 
-Every sampling path draws through these helpers; they take either a ``torch.Generator`` (or
-None, the global stream), which behaves exactly like ``torch.randn(..., generator=g)``, or a
-``SampleSeeds`` whose length is the leading dimension of the draw.
+Every sampling path draws through these helpers; they take either a ``torch.Generator``, which
+behaves exactly like ``torch.randn(..., generator=g)`` on the CPU, None (the global stream of
+``device``: on a GPU the draw is made there, no host copy, which is what the training losses
+use), or a ``SampleSeeds`` whose length is the leading dimension of the draw.
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ def randn(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """``torch.randn(shape, generator=generator)`` drawn on the CPU, then moved to ``device``;
-    per sample for ``SampleSeeds``."""
+    per sample for ``SampleSeeds``; with no generator, drawn on ``device`` itself."""
+    if generator is None:  # the device's own stream: nothing drawn on the host
+        return torch.randn(tuple(shape), dtype=dtype, device=device)
     if isinstance(generator, SampleSeeds):
         out = _stacked(torch.randn, shape, generator, dtype=dtype)
     else:
@@ -92,6 +95,8 @@ def rand(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """``torch.rand`` as :func:`randn` draws ``torch.randn``."""
+    if generator is None:  # the device's own stream: nothing drawn on the host
+        return torch.rand(tuple(shape), dtype=dtype, device=device)
     if isinstance(generator, SampleSeeds):
         out = _stacked(torch.rand, shape, generator, dtype=dtype)
     else:
@@ -108,6 +113,8 @@ def randint(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """``torch.randint(low, high, shape)`` as :func:`randn` draws ``torch.randn``."""
+    if generator is None:
+        return torch.randint(low, high, tuple(shape), device=device)
     if isinstance(generator, SampleSeeds):
         draw = lambda s, generator: torch.randint(low, high, s, generator=generator)  # noqa: E731
         out = _stacked(draw, shape, generator)
