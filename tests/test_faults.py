@@ -144,3 +144,148 @@ def test_a_trainer_key_of_the_wrong_type_names_the_key(tiny_cfg, override, says)
     with pytest.raises(ValueError, match=re.escape(says)):
         train(cfg)
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
+def test_wandb_online_without_a_network_logs_offline_with_one_warning(tmp_path):
+    """W&B set online with its server unreachable (here a closed local port, refused at once;
+    a dropped connection waits the 3 s probe at most): the run logs offline and says so once,
+    instead of waiting for wandb's online retries (minutes) before it starts."""
+    import socket
+
+    from .conftest import REPO, TINY, run_cli
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    plain = [x for x in TINY if not x.startswith("metrics") and x != "logger=none"]
+    env = {"WANDB_MODE": "online", "WANDB_BASE_URL": f"http://127.0.0.1:{port}",
+           "WANDB_API_KEY": "x" * 40}  # fmt: skip
+    proc = run_cli(["model=diffusion", *plain, "metrics=none", "logger=wandb",
+                    "model.sampler.steps=2", f"hydra.run.dir={run}"], cwd=REPO, env=env,
+                   timeout=300)  # fmt: skip
+    said = (proc.stdout + proc.stderr).count("W&B is set online but 127.0.0.1")
+    assert said == 1, proc.stderr[-2000:]
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert list((run / "wandb").glob("offline-run-*")), sorted(p.name for p in run.rglob("*"))
+
+
+def test_the_wandb_probe_sees_a_listening_server(monkeypatch):
+    import socket
+
+    from genlab.utils import wandb_unreachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+        assert wandb_unreachable(timeout=2) is None
+    assert wandb_unreachable(timeout=2) == f"127.0.0.1:{port} cannot be reached within 2 s"
+
+
+# A genlab process whose checkpoint writes stall halfway (the kill -9 below then lands inside
+# a write for certain): the first half of the bytes goes to the temporary file, a marker file
+# says so, and the write waits before it finishes.
+SLOW_WRITE = r"""
+import io, runpy, sys, time
+from pathlib import Path
+import torch
+import genlab.callbacks.checkpoint as ckpt
+from genlab.runs import atomic_file
+
+def stalled(obj, path):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    with atomic_file(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+        f.flush()
+        Path(sys.argv[1]).touch()
+        time.sleep(60)
+        f.write(data[len(data) // 2 :])
+    return Path(path)
+
+ckpt.atomic_torch_save = stalled
+sys.argv = ["genlab", *sys.argv[2:]]
+runpy.run_module("genlab", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow  # five processes killed or run to the end (about 90 s)
+def test_kill_9_at_random_moments_and_mid_write_loses_nothing(tmp_path):
+    """The same command in the same run directory, killed with SIGKILL three times at random
+    moments and once inside a checkpoint write, then run to the end: the run completes, no
+    temporary file is left, metrics.csv holds every step once, and the weights equal an
+    uninterrupted run's."""
+    import csv
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from genlab.runs import load_model
+
+    from .conftest import REPO, TINY, run_cli
+
+    plain = [x for x in TINY if not x.startswith(("metrics", "trainer.max_steps", "callbacks."))]
+    args = ["model=diffusion", *plain, "metrics=none", "~callbacks.sample_grid",
+            "trainer.max_steps=40", "callbacks.last_checkpoint.every_n_train_steps=2",
+            "callbacks.periodic_checkpoint.every_n_train_steps=1000",
+            "model.net.dropout=0.0", "trainer.val_check_interval=1000"]  # fmt: skip
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    last = run / "checkpoints" / "last.ckpt"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    rng = random.Random(18)
+
+    def start(*prefix):
+        cmd = [sys.executable, *prefix, *args, f"hydra.run.dir={run}"]
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+
+    def step_of_last() -> int:
+        return torch.load(last, weights_only=True)["global_step"] if last.exists() else -1
+
+    def wait_for(cond, proc, what):
+        deadline = time.time() + 300
+        while not cond():
+            assert proc.poll() is None, f"the run ended before {what}"
+            assert time.time() < deadline, f"no {what} in 300 s"
+            time.sleep(0.1)
+
+    kills = []
+    for _ in range(3):  # at a random moment after the run has made progress
+        before = step_of_last()
+        proc = start("-m", "genlab")
+        wait_for(lambda b=before: step_of_last() > b, proc, "a new checkpoint")
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills.append(step_of_last())
+    marker = tmp_path / "writing"
+    proc = start("-c", SLOW_WRITE, str(marker), "-m")
+    wait_for(marker.exists, proc, "a checkpoint write")
+    held = step_of_last()
+    proc.send_signal(signal.SIGKILL)  # inside the write: half the bytes are in the .tmp file
+    proc.wait()
+    assert step_of_last() == held  # the old last.ckpt is whole
+    assert list(run.glob("checkpoints/.*.tmp"))  # the interrupted write's leftover
+    assert kills == sorted(kills) and kills[-1] < 40, kills
+
+    run_cli([*args, f"hydra.run.dir={run}"], cwd=REPO)  # the same command, to the end
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == 40
+    assert not list(run.rglob("*.tmp"))
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert steps == sorted(set(steps)) and len(steps) == 40, steps
+
+    run_cli([*args, f"hydra.run.dir={straight}"], cwd=REPO)
+    a, _, _ = load_model(run, "last")
+    b, _, _ = load_model(straight, "last")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import genlab.train as train_module
+from genlab.callbacks import preemption
 from genlab.callbacks.periodic import PeriodicCallback
 from genlab.runs import load_model
 from genlab.train import train
@@ -204,3 +205,58 @@ def test_an_interrupted_evaluation_is_redone_and_the_resumed_run_equals_a_straig
     b, _, _ = load_model(tmp_path / "straight", "last")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_slurms_requeue_signal_checkpoints_then_hands_over_to_submitit(
+    tiny_cfg, tmp_path, with_callback
+):
+    """Under submitit, SIGUSR2 (SLURM's warning before the time limit) is bound to submitit's
+    requeue handler, which requeues and exits at once. genlab stops at the step first
+    (last.ckpt, status interrupted), then calls that handler; the requeued job (the same
+    command and directory) resumes from last.ckpt."""
+    calls = []
+
+    def submitit_like(signum, frame):  # what submitit does: requeue, then exit
+        calls.append((signum, _ckpt_step(tmp_path / "run")))
+        raise SystemExit(-1)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_like)
+    try:
+        with_callback(SendSignal(at=5, signum=signal.SIGUSR2))
+        with pytest.raises(SystemExit) as stop:
+            train(tiny_cfg(*COMMON, "trainer.max_steps=10"))
+        assert stop.value.code == -1  # submitit's exit, after the checkpoint
+        assert calls == [(signal.SIGUSR2, 5)]
+        assert signal.getsignal(signal.SIGUSR2) is submitit_like  # restored
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert summary["status"] == "interrupted" and summary["global_step"] == 5
+        assert "SIGUSR2" in summary["error"]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    resumed = train(tiny_cfg(*COMMON, "trainer.max_steps=10"))  # the requeued job
+    assert resumed["status"] == "completed" and resumed["global_step"] == 10
+    assert resumed["resumed_from"].endswith("last.ckpt")
+
+
+def test_without_a_requeue_handler_sigusr2_is_left_alone(tiny_cfg, monkeypatch):
+    """No scheduler bound SIGUSR2: genlab does not take it over."""
+    seen = {}
+    original = preemption.preemptible
+
+    def spy(trainer):
+        cm = original(trainer)
+
+        class Wrapped:
+            def __enter__(self):
+                cm.__enter__()
+                seen["usr2"] = signal.getsignal(signal.SIGUSR2)
+
+            def __exit__(self, *exc):
+                return cm.__exit__(*exc)
+
+        return Wrapped()
+
+    monkeypatch.setattr(preemption, "preemptible", spy)
+    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+    train(tiny_cfg("trainer.max_steps=2"))
+    assert seen["usr2"] == signal.SIG_DFL

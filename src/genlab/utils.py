@@ -3,10 +3,13 @@ the one-line usage error. (The run directory itself: ``genlab.runs``.)"""
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 
 def _conf_dir() -> Path:
@@ -24,9 +27,24 @@ def _conf_dir() -> Path:
 CONF_DIR = _conf_dir()
 
 
-def wandb_mode(requested: str | None) -> str:
+def wandb_mode(requested: str | None, check_network: bool = True) -> str:
     """``auto`` -> ``online`` when the user is logged in to W&B (WANDB_API_KEY or ~/.netrc),
-    else ``offline``; any other value is passed through."""
+    else ``offline``; any other value is passed through, except that ``online`` becomes
+    ``offline`` with one warning when the W&B server cannot be reached (``check_network``):
+    wandb would otherwise retry for minutes before the run starts."""
+    mode = _wandb_mode(requested)
+    if mode == "online" and check_network:
+        reason = wandb_unreachable()
+        if reason is not None:
+            logging.getLogger("genlab").warning(
+                "W&B is set online but %s: logging offline instead (sync later with "
+                "`wandb sync <run>/wandb/offline-run-*`)", reason
+            )
+            return "offline"
+    return mode
+
+
+def _wandb_mode(requested: str | None) -> str:
     if requested not in (None, "auto"):
         return str(requested)
     if os.environ.get("WANDB_API_KEY"):
@@ -37,6 +55,29 @@ def wandb_mode(requested: str | None) -> str:
     except (FileNotFoundError, netrc.NetrcParseError):
         pass
     return "offline"
+
+
+def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host`` opens within ``timeout`` seconds (always True when
+    an HTTPS proxy is set: the proxy, not this machine, resolves the host)."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def wandb_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the W&B server (``WANDB_BASE_URL``, default https://api.wandb.ai) cannot be
+    reached (``reachable``); None when it can."""
+    url = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host = url.hostname or "api.wandb.ai"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    if reachable(host, port, timeout):
+        return None
+    return f"{host}:{port} cannot be reached within {timeout:g} s"
 
 
 def sweep_dir() -> Path | None:

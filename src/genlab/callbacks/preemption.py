@@ -11,6 +11,14 @@ once with ``Preempted``: those can take minutes (a PixelRNN grid), and the train
 complete at that point. A second Ctrl-C raises ``KeyboardInterrupt`` at once, without a new
 checkpoint (the state mid-step is not one to resume from).
 
+Under SLURM through the submitit launcher (``hydra/launcher=slurm``), submitit binds SIGUSR2,
+which SLURM sends shortly before the time limit (or on preemption), to its own requeue
+handler, which requeues the job and exits at once, mid-step. Inside ``preemptible`` that
+signal first stops the run like SIGTERM (``last.ckpt`` at the step, status ``interrupted``);
+then ``hand_over()`` calls submitit's handler, which requeues the job; the requeued job runs
+the same command in the same run directory and resumes from ``last.ckpt``. Without such a
+handler SIGUSR2 is left alone.
+
 A family whose global step spans several batches (a GAN's ``n_critic`` discriminator batches,
 ``batches_per_step``) stops only at the batch that completes a step (``StopAtStepEnd``), so the
 checkpoint never holds discriminator updates that a resume would replay.
@@ -28,7 +36,8 @@ import lightning as L
 log = logging.getLogger("genlab")
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_state: dict = {"signal": None, "depth": 0}
+REQUEUE = signal.SIGUSR2  # submitit's requeue signal (sbatch --signal=USR2@90)
+_state: dict = {"signal": None, "depth": 0, "requeue": None}
 
 
 class Preempted(BaseException):
@@ -105,8 +114,11 @@ def preemptible(trainer):
 
     watcher = StopAtStepEnd()
     trainer.callbacks.append(watcher)
-    previous = {s: signal.getsignal(s) for s in SIGNALS}
-    for s in SIGNALS:
+    requeue = signal.getsignal(REQUEUE)
+    watched = (*SIGNALS, REQUEUE) if callable(requeue) else SIGNALS  # a scheduler's requeue
+    _state["requeue"] = requeue if callable(requeue) else None
+    previous = {s: signal.getsignal(s) for s in watched}
+    for s in watched:
         signal.signal(s, handler)
     try:
         yield
@@ -114,3 +126,12 @@ def preemptible(trainer):
         for s, h in previous.items():
             signal.signal(s, h)
         trainer.callbacks.remove(watcher)
+
+
+def hand_over() -> None:
+    """After the stop a requeue signal caused has been checkpointed and recorded: the
+    scheduler's own handler (submitit's requeues the job and exits). Nothing otherwise."""
+    handler, _state["requeue"] = _state.get("requeue"), None
+    if handler is not None and _state["signal"] == REQUEUE.name:
+        log.warning("%s: handing over to the scheduler's requeue handler", REQUEUE.name)
+        handler(REQUEUE, None)

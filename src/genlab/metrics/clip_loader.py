@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from torch import nn
 
 from genlab.metrics.common import WeightsNotFoundError, sha256_file, sha256_state
 from genlab.metrics.digits import load_weights_file, weights_error
-from genlab.utils import ConfigError
+from genlab.utils import ConfigError, reachable
 
 LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
@@ -188,18 +187,6 @@ def _create_model(name: str, weights: Path, fix: str, **kwargs) -> nn.Module:
         return open_clip.create_model(name, require_pretrained=True, weights_only=True, **kwargs)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
         raise weights_error(what, weights, err, fix) from err
-
-
-def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to ``host`` opens within ``timeout`` seconds (always True when
-    an HTTPS proxy is set: the proxy, not this machine, resolves the host)."""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
 
 
 @contextmanager
