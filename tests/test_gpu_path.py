@@ -213,3 +213,28 @@ def test_a_run_resumes_with_the_gpu_path_switched_on(tmp_path):
     assert "torch.compile" in (resumed / "train.log").read_text()
     model, _, _ = load_model(resumed, "last")
     assert model.net._compiled_call_impl is None
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_reaches_the_batches_a_datamodule_serves(tiny_cfg, monkeypatch,
+                                                                channels_last):  # fmt: skip
+    """Lightning calls the datamodule's on_after_batch_transfer instead of the module's; the
+    datamodule hands its batch on to the family's prepare_batch."""
+    import lightning as L
+
+    import genlab.train as train_module
+
+    seen = []
+
+    class Look(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(batch[0].is_contiguous(memory_format=torch.channels_last))
+
+    build_callbacks = train_module.build_callbacks
+    monkeypatch.setattr(
+        train_module, "build_callbacks", lambda cfg: [*build_callbacks(cfg), Look()]
+    )
+    cfg = tiny_cfg("model=diffusion", *NET, "data.channels=3", "trainer.max_steps=2",
+                   "metrics.metrics=[]", f"model.channels_last={str(channels_last).lower()}")  # fmt: skip
+    assert train_module.train(cfg)["status"] == "completed"
+    assert seen == [channels_last, channels_last]

@@ -314,6 +314,10 @@ class ImageDataModule(L.LightningDataModule):
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # each new epoch's iterator draws its base seed from this, not the global RNG: a
+            # run resumed from a checkpoint written at an epoch's last batch (its RNG state
+            # taken before the next epoch's draw) then trains like an uninterrupted one
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -329,7 +333,11 @@ class ImageDataModule(L.LightningDataModule):
         if self.hflip and self.trainer is not None and self.trainer.training:
             flip = torch.rand(x.shape[0], device=x.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x, labels
+        # Lightning calls this hook instead of the model's: hand the batch on to it (e.g. a
+        # family's channels-last layout)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        prepare = getattr(module, "prepare_batch", None)
+        return prepare((x, labels)) if prepare is not None else (x, labels)
 
 
 class _TorchvisionDataModule(ImageDataModule):

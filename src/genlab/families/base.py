@@ -138,6 +138,12 @@ class FamilyModule(L.LightningModule):
                      ", ".join(type(n).__name__ for n in nets))  # fmt: skip
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return self.prepare_batch(batch)
+
+    def prepare_batch(self, batch):
+        """A batch on the device, as the family trains on it: image batches in NHWC with
+        ``channels_last``. Lightning calls a datamodule's ``on_after_batch_transfer`` instead
+        of the module's; genlab's datamodules call this at the end of theirs."""
         if self.channels_last:  # image batches in NHWC, as the weights
             convert = lambda t: (  # noqa: E731
                 t.contiguous(memory_format=torch.channels_last)
