@@ -486,9 +486,26 @@ def test_steps_for_nfe_inverts_the_nfe_table():
     }
 
 
-def test_describe_records_the_default_spacing(conditional_model):
+def test_describe_records_the_spacing_that_ran(conditional_model):
+    """A solver's default spacing is recorded; ``auto`` as what it chose in the model's frame
+    (DDPM: uniform time), with ``spacing_chosen_by: auto``."""
     model = conditional_model
     for solver in SOLVERS:
         model.sampler = functools.partial(solver, steps=3)
         default = inspect.signature(solver).parameters["spacing"].default
-        assert model.describe()["sampler"].get("spacing") == default, solver.__name__
+        described = model.describe()["sampler"]
+        if default == "auto":
+            assert described["spacing"] == "time" and described["spacing_chosen_by"] == "auto"
+        else:
+            assert described.get("spacing") == default and "spacing_chosen_by" not in described
+    model.sampler = functools.partial(samplers.dpmpp_2m, steps=3, spacing="karras")
+    assert model.describe()["sampler"]["spacing"] == "karras"
+
+
+def test_auto_spacing_is_karras_for_edm_and_uniform_time_for_vp_and_flow():
+    vp, edm, flow = VPFrame(CosineSchedule(1000)), EDMFrame(0.002, 80), FlowFrame()
+    for frame, chosen in [(vp, "time"), (edm, "karras"), (flow, "time")]:
+        torch.testing.assert_close(frame.sigmas(6, "auto"), frame.sigmas(6, chosen))
+        assert frame.resolve("auto") == chosen and frame.resolve("log_snr") == "log_snr"
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        vp.sigmas(6, "fast")

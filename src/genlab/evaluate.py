@@ -189,7 +189,7 @@ def solver_of(model, sampler_protocol: dict) -> tuple[str, str, str]:
     params = inspect.signature(func).parameters
     defaults = {k: p.default for k, p in params.items() if p.default is not p.empty}
     spacing = sampler_protocol.get("spacing", defaults.get("spacing", ""))
-    skip = {"name", "steps", "spacing", *model.frame.describe()}
+    skip = {"name", "steps", "spacing", "spacing_chosen_by", *model.frame.describe()}
     options = [
         f"{k}={json.dumps(v, sort_keys=True) if isinstance(v, dict) else v}"
         for k, v in sorted(sampler_protocol.items())

@@ -167,7 +167,11 @@ class DenoisingModule(GenerativeModule):
         return self.net
 
     def sampling_protocol(self) -> dict:
-        return {**sampler_protocol(self.sampler), **self.frame.describe()}
+        out = {**sampler_protocol(self.sampler), **self.frame.describe()}
+        if out.get("spacing") == "auto":  # recorded as what it ran with
+            out["spacing"] = self.frame.resolve("auto")
+            out["spacing_chosen_by"] = "auto"
+        return out
 
     def denoiser(self, y: torch.Tensor | None = None, use_ema: bool = True) -> Denoiser:
         raise NotImplementedError
