@@ -234,7 +234,8 @@ def test_channels_last_reaches_the_batches_a_datamodule_serves(tiny_cfg, monkeyp
     monkeypatch.setattr(
         train_module, "build_callbacks", lambda cfg: [*build_callbacks(cfg), Look()]
     )
+    layout = f"model.channels_last={str(channels_last).lower()}"
     cfg = tiny_cfg("model=diffusion", *NET, "data.channels=3", "trainer.max_steps=2",
-                   "metrics.metrics=[]", f"model.channels_last={str(channels_last).lower()}")  # fmt: skip
+                   "metrics.metrics=[]", layout)  # fmt: skip
     assert train_module.train(cfg)["status"] == "completed"
     assert seen == [channels_last, channels_last]
