@@ -38,7 +38,8 @@ def wandb_mode(requested: str | None, check_network: bool = True) -> str:
         if reason is not None:
             logging.getLogger("genlab").warning(
                 "W&B is set online but %s: logging offline instead (sync later with "
-                "`wandb sync <run>/wandb/offline-run-*`)", reason
+                "`wandb sync <run>/wandb/offline-run-*`)",
+                reason,
             )
             return "offline"
     return mode
