@@ -502,9 +502,9 @@ def test_describe_records_the_spacing_that_ran(conditional_model):
     assert model.describe()["sampler"]["spacing"] == "karras"
 
 
-def test_auto_spacing_is_karras_for_edm_and_uniform_time_for_vp_and_flow():
+def test_auto_spacing_is_uniform_time_for_vp_and_karras_for_edm_and_flow():
     vp, edm, flow = VPFrame(CosineSchedule(1000)), EDMFrame(0.002, 80), FlowFrame()
-    for frame, chosen in [(vp, "time"), (edm, "karras"), (flow, "time")]:
+    for frame, chosen in [(vp, "time"), (edm, "karras"), (flow, "karras")]:
         torch.testing.assert_close(frame.sigmas(6, "auto"), frame.sigmas(6, chosen))
         assert frame.resolve("auto") == chosen and frame.resolve("log_snr") == "log_snr"
     with pytest.raises(ValueError, match="spacing must be one of"):

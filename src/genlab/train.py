@@ -41,7 +41,9 @@ log = logging.getLogger("genlab")
 # Lightning warnings that do not apply here: in-memory tensors need no workers; the EMA copy
 # is in eval mode on purpose; the CSV log shares the run directory with Hydra's files;
 # mid-epoch resumes are exact because the training sampler skips already-seen batches; GANs
-# have no validation step, and their checkpoints hold the state after the step on purpose.
+# have no validation step, and their checkpoints hold the state after the step on purpose;
+# genlab's datamodules hand their batches on to the family's ``prepare_batch``, so a family's
+# ``on_after_batch_transfer`` beside theirs (for plain DataLoaders) loses nothing.
 for pattern in (
     ".*have no `validation_step`.*",
     ".*manual optimization and every_n_train_steps.*",
@@ -51,6 +53,7 @@ for pattern in (
     ".*resuming from a checkpoint that ended before.*",
     ".*smaller than the logging interval.*",
     ".*LeafSpec.*",
+    ".*overridden `on_after_batch_transfer` in both.*",
 ):
     warnings.filterwarnings("ignore", message=pattern)
 

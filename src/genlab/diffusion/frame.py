@@ -26,11 +26,12 @@ the input scaling (the network's own x) and the family's natural time:
 Step spacings (``sigmas(steps, spacing)`` -> (steps + 1,) decreasing, last entry 0):
 ``karras`` (rho = 7, Karras et al. 2022, Eq. 5), ``time`` (uniform in the family's own
 time; for a discrete schedule the respaced trained timesteps of DDIM), ``log_snr`` (uniform
-in log sigma) and ``auto``, the frame's ``default_spacing``: ``karras`` for EDM, which it was
-designed for, and ``time`` for the VP and flow frames. On a 15-minute MNIST DDPM, DPM-Solver++
-at 5 / 10 / 20 NFE gave fd_digits 176.7 / 19.7 / 9.4 with Karras and 19.2 / 11.9 / 9.6 with
-uniform time; a flow model's Heun with Karras 278 / 93 / 7.8 at 5 / 9 / 19 NFE against Euler
-in uniform time 7.5 / 6.1 / 5.5 at 5 / 10 / 20 (docs/results.md, "Fast solvers").
+in log sigma) and ``auto``, the frame's ``default_spacing``: ``time`` for the VP frame and
+``karras`` for EDM's and the flow frame. Measured on MNIST (docs/results.md, "Fast solvers"):
+a 15-minute DDPM's DPM-Solver++ at 5 / 10 / 20 NFE gave fd_digits 176.7 / 19.7 / 9.4 with
+Karras and 19.2 / 11.9 / 9.6 with uniform time; a 15-minute flow model's Heun at 5 / 9 / 19
+NFE 281 / 89 / 8.5 with Karras and 100 / 92 / 65 with uniform time (its Euler, which the flow
+preset runs with ``spacing=time``, 8.6 / 6.7 / 5.9 at 5 / 10 / 20).
 """
 
 from __future__ import annotations
@@ -188,7 +189,6 @@ class FlowFrame(NoiseFrame):
     sigma frame: sigma = t / (1 - t), input scale 1 - t = 1 / (1 + sigma)."""
 
     name = "flow"
-    default_spacing = "time"
 
     def __init__(self, t_min: float = 1e-3, t_max: float = 1 - 1e-3):
         if not 0 < t_min < t_max < 1:
