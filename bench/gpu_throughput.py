@@ -42,6 +42,7 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from genlab.families.base import fused_on_cuda
 from genlab.utils import CONF_DIR
 
 # dense bf16 tensor-core peak, TFLOP/s (vendor datasheets; SXM parts)
@@ -150,8 +151,6 @@ def run_variant(name, args, overrides, device) -> dict:
     if not fused:
         extra.append("+model.optimizer.foreach=true")  # torch's default, spelled out
     cfg, model = build(args.experiment, [*overrides, *extra])
-    if device.type != "cuda" and precision == "bf16-mixed":
-        precision = "bf16-mixed"  # Lightning's CPU autocast
     batch = make_batch(cfg, args.batch or int(cfg.data.batch_size), device)
     window = Window(args.warmup, device)
     trainer = L.Trainer(
@@ -195,12 +194,9 @@ def sync_check(args, overrides, device) -> dict:
     cfg, model = build(args.experiment, [*overrides, "model.channels_last=true"])
     model.to(device)
     model.configure_model()
-    from genlab.families.base import fused_on_cuda
-
     opt = fused_on_cuda(model.optimizer_fn, device)(model.parameters())
     x, y = make_batch(cfg, args.batch or int(cfg.data.batch_size), device)
     x = x.contiguous(memory_format=torch.channels_last)
-    seen = []
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16):
