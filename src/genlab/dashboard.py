@@ -7,11 +7,15 @@ runs. The page (default ``<dir>/dashboard.html``) needs no server and nothing fr
 network: data, sample grids (PNG as data URIs), styles and scripts are all inside it. It has
 
 - a sortable table of the runs (click a header) with status, family, training images/s,
-  wall time, parameters and every validation metric, failed runs with their errors;
+  wall time, parameters and every validation metric, failed runs with their errors; runs that
+  differ only in their seed (``genlab.groups``) are one row of ``mean ± std`` with their seeds,
+  and a run that reports its own spread (``val/X_std``) shows it as ``X ± std``;
+- how far the metrics agree: Kendall τ between the rows' rankings by each pair of metrics;
 - a trade-off plot: any two columns against each other (e.g. digit Fréchet distance vs
   training images/s or sampling images/s), one point per run;
 - metric curves from each run's metrics.csv against steps or against training time
-  (``time/train_s``, logged by the WallClock callback);
+  (``time/train_s``, logged by the WallClock callback), a seed group's as its mean with a
+  ± std band;
 - quality against the number of network evaluations, from each run's ``nfe.csv`` (written by
   ``python -m genlab.evaluate run_dir=<run> "nfe=[...]"``): one line per run and solver;
 - each run's newest sample grid (and reconstructions where there are some), side by side;
@@ -34,7 +38,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from genlab import nfe
+from genlab import groups, nfe
 from genlab.runs import (
     config_differences,
     find_runs,
@@ -57,6 +61,7 @@ COLUMNS = [  # (key, header) of the run fields shown before the metrics
     ("wall_time_s", "wall s"),
 ]
 IMAGE_KINDS = ("step", "recon")  # sample grids, reconstructions
+INTEGERS = ("parameters", "global_step")  # shown as integers when equal across a seed group
 
 
 def _thin(points: list, n: int) -> list:
@@ -98,6 +103,8 @@ def collect(root: str | Path, max_points: int = 300) -> dict:
     runs = [load_run(p, root) for p in paths]
     metrics = metric_columns(runs)
     diff_keys = config_differences(runs)
+    seed_groups = [g for g in groups.summarize(runs) if len(g["runs"]) > 1]
+    member = {name: i for i, g in enumerate(seed_groups) for name in g["runs"]}
     for run, path in zip(runs, paths):
         run["curves"] = {
             k: _thin(v, max_points) for k, v in read_curves(path).items() if not k.startswith("lr-")
@@ -109,17 +116,69 @@ def collect(root: str | Path, max_points: int = 300) -> dict:
         }
         run["config_diff"] = {k: run["config"].get(k, "—") for k in diff_keys}
         run["nfe"] = nfe_lines(path)
+        run["group"] = member.get(run["name"])
         del run["config"]
+    for g in seed_groups:
+        curves = [r["curves"] for r in runs if r["group"] is not None and r["name"] in g["runs"]]
+        keys = {k for c in curves for k in c}
+        g["curves"] = {k: mean_curve([c.get(k, []) for c in curves]) for k in sorted(keys)}
+    shown = groups.value_metrics(metrics)
     nfe_keys = {k for r in runs for line in r["nfe"] for k in line["points"]}
     return {
         "root": str(root.resolve()),
         "generated": dt.datetime.now().isoformat(timespec="seconds"),
         "runs": runs,
         "metrics": metrics,
+        "shown_metrics": shown,  # the table's: spread columns are folded into ``X ± std``
+        "spread_of": {m: groups.spread_key(m, metrics) for m in shown},
+        "groups": seed_groups,
+        "agreement": agreement(runs, seed_groups),
         "lower_is_better": {m: lower_is_better(m) for m in metrics},
         "diff_keys": diff_keys,
         "nfe_metrics": [m for m in metrics if m in nfe_keys] + sorted(nfe_keys - set(metrics)),
     }
+
+
+def mean_curve(curves: list[list]) -> list[list]:
+    """The members' curves of one metric, [(step, seconds or None, value), ...] each, as
+    [[step, mean seconds or None, mean, std (ddof=1)], ...] at the steps two or more have."""
+    at: dict[int, list] = {}
+    for curve in curves:
+        for step, seconds, value in curve:
+            at.setdefault(step, []).append((seconds, value))
+    out = []
+    for step in sorted(at):
+        if len(at[step]) >= 2:
+            s = groups.stats([v for _, v in at[step]])
+            times = [t for t, _ in at[step] if t is not None]
+            out.append([step, sum(times) / len(times) if times else None, s["mean"], s["std"]])
+    return out
+
+
+def rows(data: dict) -> list[dict]:
+    """The table's rows: a seed group's in place of its runs (where its first run is), every
+    other run as it is. {"name", "group" (index or None), "run" (the run's record)}."""
+    out, seen = [], set()
+    for run in data["runs"]:
+        g = run.get("group")
+        if g is None:
+            out.append({"name": run["name"], "group": None, "run": run})
+        elif g not in seen:
+            seen.add(g)
+            out.append({"name": data["groups"][g]["name"], "group": g, "run": None})
+    return out
+
+
+def agreement(runs: list[dict], seed_groups: list[dict]) -> dict:
+    """Kendall τ between the metrics' rankings of the table's completed rows (a seed group
+    ranked by its means)."""
+    in_group = {n for g in seed_groups for n in g["runs"]}
+    ranked = [r for r in runs if r["status"] == "completed" and r["name"] not in in_group]
+    ranked += [{"metrics": {m: s["mean"] for m, s in g["metrics"].items()}}
+               for g in seed_groups if g["status"] == "completed"]  # fmt: skip
+    result = groups.metric_agreement(ranked)
+    tau = [[None if math.isnan(t) else round(float(t), 4) for t in row] for row in result.tau]
+    return {"metrics": result.metrics, "tau": tau, "rows": len(ranked)}
 
 
 def _fmt(value) -> str:
@@ -136,13 +195,45 @@ def _sort_value(value) -> str:
     return "" if value is None else html.escape(str(value), quote=True)
 
 
+def _cells(data: dict, row: dict) -> dict:
+    """{column: (sort value, stats dict or plain value)} of one table row."""
+    keys = [k for k, _ in COLUMNS] + data["shown_metrics"]
+    if row["group"] is None:  # a run as it was, its own spread folded in where it has one
+        run, out = row["run"], {}
+        for key in keys:
+            if not key.startswith("val/"):
+                out[key] = (run.get(key), run.get(key))
+            else:
+                value = run["metrics"].get(key)
+                s = groups.stats([value], run["metrics"].get(data["spread_of"].get(key)))
+                out[key] = (value, s if value is not None and s["std"] is not None else value)
+        return out
+    g, out = data["groups"][row["group"]], {}
+    for key in keys:
+        s = g["fields"].get(key) if not key.startswith("val/") else g["metrics"].get(key)
+        if key not in g["fields"] and not key.startswith("val/"):  # name, status, family ...
+            out[key] = (g.get(key), g.get(key))
+        elif s is None or s["mean"] is None:
+            out[key] = (None, None)
+        elif s["std"] is None or (s["std"] == 0 and key in g["fields"]):  # one value, or a
+            # field equal across the seeds (parameters, steps): shown as is
+            mean = s["mean"]
+            out[key] = (mean, int(mean) if float(mean).is_integer() and key in INTEGERS else mean)
+        else:
+            out[key] = (s["mean"], s)
+    return out
+
+
 def render_table(data: dict) -> str:
-    """The runs table as static HTML (sorted by the page's script on click)."""
-    heads = [h for _, h in COLUMNS] + [m.removeprefix("val/") for m in data["metrics"]]
-    keys = [k for k, _ in COLUMNS] + data["metrics"]
+    """The runs table as static HTML (sorted by the page's script on click): one row per run,
+    one per seed group (``mean ± std``, with its seeds)."""
+    shown = data["shown_metrics"]
+    heads = [h for _, h in COLUMNS] + [m.removeprefix("val/") for m in shown]
+    keys = [k for k, _ in COLUMNS] + shown
+    table = [(row, _cells(data, row)) for row in rows(data)]
     best = {}
-    for m in data["metrics"]:
-        vals = [r["metrics"][m] for r in data["runs"] if m in r["metrics"]]
+    for m in shown:
+        vals = [cells[m][0] for _, cells in table if cells[m][0] is not None]
         if len(set(vals)) > 1:
             best[m] = min(vals) if data["lower_is_better"][m] else max(vals)
     out = ['<div class="scroll"><table id="runs"><thead><tr>']
@@ -151,17 +242,36 @@ def render_table(data: dict) -> str:
         out.append(f'<th data-key="{html.escape(key)}" title="{html.escape(key)}">'
                    f"{html.escape(head)}{arrow}</th>")  # fmt: skip
     out.append("</tr></thead><tbody>")
-    for run in data["runs"]:
+    for row, cells in table:
+        run = row["run"] or data["groups"][row["group"]]
         status = run["status"]
         title = f' title="{html.escape(run["error"])}"' if run.get("error") else ""
-        out.append(f'<tr class="run {html.escape(status)}" data-run="{html.escape(run["name"])}">')
+        if row["group"] is None:
+            out.append(
+                f'<tr class="run {html.escape(status)}" data-run="{html.escape(run["name"])}">'
+            )
+        else:
+            seeds = ", ".join(map(str, run["seeds"]))
+            state = status if " " not in status else "partial"  # "2/3 completed"
+            out.append(f'<tr class="group {html.escape(state)}" '
+                       f'data-group="{html.escape(run["name"])}" '
+                       f'data-members="{html.escape(" ".join(run["runs"]))}">')  # fmt: skip
         for key in keys:
-            value = run["metrics"].get(key) if key.startswith("val/") else run.get(key)
-            cls = ' class="best"' if key in best and value == best[key] else ""
-            cell = html.escape(_fmt(value))
+            sort, value = cells[key]
+            cls = "best" if key in best and sort == best[key] else ""
+            if isinstance(value, dict):  # mean ± std
+                cls += " pm"
+                n = f"over {value['n']} seeds" if value["spread"] == "seeds" else "the run's own"
+                text = html.escape(groups.pm(value))
+                cell = f'<span title="mean ± std ({html.escape(n)})">{text}</span>'
+            else:
+                cell = html.escape(_fmt(value))
             if key == "status":
                 cell = f'<span class="badge"{title}>{cell}</span>'
-            out.append(f'<td data-v="{_sort_value(value)}"{cls}>{cell}</td>')
+            if key == "name" and row["group"] is not None:
+                cell += f' <span class="seeds">seeds {html.escape(seeds)}</span>'
+            cls = f' class="{cls.strip()}"' if cls.strip() else ""
+            out.append(f'<td data-v="{_sort_value(sort)}"{cls}>{cell}</td>')
         out.append("</tr>")
     out.append("</tbody></table></div>")
     errors = [r for r in data["runs"] if r.get("error")]
@@ -170,6 +280,31 @@ def render_table(data: dict) -> str:
         for r in errors:
             out.append(f"<li><b>{html.escape(r['name'])}</b>: {html.escape(r['error'])}</li>")
         out.append("</ul>")
+    return "".join(out)
+
+
+def render_agreement(data: dict) -> str:
+    """The Kendall τ table of the metrics at least 3 rows have (nothing with fewer than two)."""
+    result = data["agreement"]
+    names = [m.removeprefix("val/") for m in result["metrics"]]
+    if len(names) < 2:
+        return ""
+    out = [
+        f"""<h2>Do the metrics agree?</h2>
+<div class="meta">Kendall τ between the rankings of the table's {result["rows"]} completed rows
+(a seed group by its means) by each pair of metrics, each ranked best first: +1 the same
+order, −1 the reverse. Metrics that fewer than 3 rows have, spreads (<code>_std</code>) and
+costs (sampling images/s, NFE) are left out; a blank cell has too few rows with both.</div>
+<div class="scroll"><table id="agreement"><thead><tr><th>τ</th>"""
+    ]
+    out += [f"<th>{html.escape(n)}</th>" for n in names]
+    out.append("</tr></thead><tbody>")
+    for name, row in zip(names, result["tau"]):
+        out.append(f"<tr><td>{html.escape(name)}</td>")
+        out += [f'<td data-v="{"" if t is None else t}">{"" if t is None else f"{t:+.2f}"}</td>'
+                for t in row]  # fmt: skip
+        out.append("</tr>")
+    out.append("</tbody></table></div>")
     return "".join(out)
 
 
@@ -215,6 +350,8 @@ td:first-child,th:first-child{text-align:left}
 tr.failed td{background:#fdecec}tr.completed .badge{color:#17692b}
 tr.failed .badge,tr.interrupted .badge{color:#b3261e;font-weight:600}
 td.best{font-weight:700;background:#eaf6ea}
+.seeds{color:#666;font-size:11px}tr.group td{background:#f7f9fc}tr.group td.best{background:#eaf6ea}
+tr.partial td{background:#fff6e0}
 .errors{color:#b3261e;font-size:12px}
 .scroll{overflow-x:auto;max-width:100%}
 #config td{text-align:left;max-width:360px;white-space:normal;word-break:break-all}
@@ -266,19 +403,22 @@ document.querySelectorAll('#runs th').forEach((th, col) => {
   });
 });
 
-// one chart: series [{name, color, points: [[x, y], ...]}]
+// one chart: series [{name, color, band, points: [[x, y, std (optional)], ...]}]; a std
+// draws a band around a line (band: true) or an error bar on a point
 function chart(svg, series, xlabel, ylabel, lines, logy, logx, marks) {
   svg.replaceChildren();
   const W = +svg.getAttribute('width'), H = +svg.getAttribute('height');
   const m = {l: 60, r: lines ? 10 : 110, t: 10, b: 36};
+  series = series.map(s => ({...s, points: s.points.map(p =>
+    [p[0], p[1], p[1] - (p[2] || 0), p[1] + (p[2] || 0)])}));  // [x, y, y - std, y + std]
   if (logy) series = series.map(s => ({...s, points: s.points.filter(p => p[1] > 0)
-    .map(p => [p[0], Math.log10(p[1])])}));
+    .map(p => [p[0], Math.log10(p[1]), Math.log10(p[2] > 0 ? p[2] : p[1]), Math.log10(p[3])])}));
   if (logx) series = series.map(s => ({...s, points: s.points.filter(p => p[0] > 0)
-    .map(p => [Math.log10(p[0]), p[1]])}));
+    .map(p => [Math.log10(p[0]), p[1], p[2], p[3]])}));
   const pts = series.flatMap(s => s.points);
   if (!pts.length) { el('text', {x: W / 2 - 40, y: H / 2}, svg).textContent = 'no data'; return 0; }
   let [x0, x1] = [Math.min(...pts.map(p => p[0])), Math.max(...pts.map(p => p[0]))];
-  let [y0, y1] = [Math.min(...pts.map(p => p[1])), Math.max(...pts.map(p => p[1]))];
+  let [y0, y1] = [Math.min(...pts.map(p => p[2])), Math.max(...pts.map(p => p[3]))];
   if (x0 === x1) { x0 -= 1; x1 += 1; } if (y0 === y1) { y0 -= 1; y1 += 1; }
   const X = x => m.l + (x - x0) / (x1 - x0) * (W - m.l - m.r);
   const Y = y => H - m.b - (y - y0) / (y1 - y0) * (H - m.t - m.b);
@@ -294,6 +434,12 @@ function chart(svg, series, xlabel, ylabel, lines, logy, logx, marks) {
   let drawn = 0;
   series.forEach(s => {
     if (!s.points.length) return;
+    const xy = (p, k) => X(p[0]).toFixed(1) + ' ' + Y(p[k]).toFixed(1);
+    if (lines && s.band) {  // mean ± std of a seed group: up along y + std, back along y - std
+      const d = 'M' + s.points.map(p => xy(p, 3)).join(' L') + ' L'
+        + s.points.slice().reverse().map(p => xy(p, 2)).join(' L') + ' Z';
+      el('path', {d, fill: s.color, 'fill-opacity': 0.18, stroke: 'none', class: 'band'}, svg);
+    }
     if (lines) {
       const d = s.points.map((p, i) => (i ? 'L' : 'M') + X(p[0]).toFixed(1) + ' ' + Y(p[1]).toFixed(1)).join(' ');
       el('path', {d, fill: 'none', stroke: s.color, 'stroke-width': 1.5, class: 'curve'}, svg);
@@ -301,6 +447,8 @@ function chart(svg, series, xlabel, ylabel, lines, logy, logx, marks) {
         el('circle', {cx: X(p[0]), cy: Y(p[1]), r: 3, fill: s.color, class: 'mark'}, svg));
     } else {
       s.points.forEach(p => {
+        if (p[2] !== p[3]) el('line', {x1: X(p[0]), x2: X(p[0]), y1: Y(p[2]), y2: Y(p[3]),
+          stroke: s.color, 'stroke-width': 1.5, class: 'errorbar'}, svg);
         el('circle', {cx: X(p[0]), cy: Y(p[1]), r: 5, fill: s.color, class: 'point'}, svg);
         el('text', {x: X(p[0]) + 7, y: Y(p[1]) + 3}, svg).textContent = s.name;
       });
@@ -309,16 +457,25 @@ function chart(svg, series, xlabel, ylabel, lines, logy, logx, marks) {
   });
   return drawn;
 }
+// what the plots draw: a seed group (its mean, ± std) where its first run is, every other run
+const UNITS = [], seenGroups = new Set();
+DATA.runs.forEach(r => {
+  if (r.group === null) UNITS.push({name: r.name, run: r});
+  else if (!seenGroups.has(r.group)) {
+    seenGroups.add(r.group);
+    UNITS.push({name: DATA.groups[r.group].name, group: DATA.groups[r.group]});
+  }
+});
 function legend(div) {  // run names are text, never markup
-  DATA.runs.forEach((r, i) => {
+  UNITS.forEach((u, i) => {
     const span = div.appendChild(document.createElement('span'));
     span.appendChild(document.createElement('i')).style.background = color(i);
-    span.appendChild(document.createTextNode(r.name));
+    span.appendChild(document.createTextNode(u.group ? u.name + ' (mean ± std)' : u.name));
   });
 }
 
 // metric curves
-const curveKeys = [...new Set(DATA.runs.flatMap(r => Object.keys(r.curves)))].sort(
+const curveKeys = [...new Set(UNITS.flatMap(u => Object.keys((u.run || u.group).curves)))].sort(
   (a, b) => (b.startsWith('val/') - a.startsWith('val/')) || a.localeCompare(b));
 const curveSel = document.getElementById('curve-metric'), xSel = document.getElementById('curve-x');
 curveKeys.forEach(k => curveSel.add(new Option(k, k)));
@@ -326,12 +483,14 @@ const firstVal = curveKeys.find(k => k === 'train/loss') || curveKeys[0];
 if (firstVal) curveSel.value = firstVal;
 function drawCurves() {
   const key = curveSel.value, byTime = xSel.value === 'time';
-  const series = DATA.runs.map((r, i) => ({name: r.name, color: color(i),
-    points: (r.curves[key] || []).filter(p => !byTime || p[1] !== null)
-      .map(p => [byTime ? p[1] : p[0], p[2]])}));
+  // a run's points are [step, seconds, value], a group's [step, seconds, mean, std]
+  const series = UNITS.map((u, i) => ({name: u.name, color: color(i), band: !!u.group,
+    points: ((u.run || u.group).curves[key] || []).filter(p => !byTime || p[1] !== null)
+      .map(p => [byTime ? p[1] : p[0], p[2], p[3]])}));
   const n = chart(document.getElementById('curves'), series,
     byTime ? 'training time (s)' : 'step', key || '', true, logBox.checked);
   document.body.dataset.curves = n;
+  document.body.dataset.bands = document.querySelectorAll('#curves .band').length;
 }
 const logBox = document.getElementById('curve-log');
 [curveSel, xSel, logBox].forEach(e => e.addEventListener('change', drawCurves));
@@ -340,14 +499,19 @@ legend(document.getElementById('curve-legend'));
 // trade-off scatter
 const numeric = ['train_images_per_s', 'wall_time_s', 'parameters', 'global_step', ...DATA.metrics];
 const value = (r, k) => k.startsWith('val/') ? r.metrics[k] : r[k];
+const stat = (u, k) => u.group  // {mean, std}: a group's over its seeds, a run's value (own std)
+  ? ((k.startsWith('val/') ? u.group.metrics[k] : u.group.fields[k]) || {})
+  : {mean: value(u.run, k), std: DATA.spread_of[k] ? u.run.metrics[DATA.spread_of[k]] : null};
 const sx = document.getElementById('trade-x'), sy = document.getElementById('trade-y');
 numeric.forEach(k => { sx.add(new Option(k, k)); sy.add(new Option(k, k)); });
 sx.value = numeric.includes('val/sample_img_per_s') ? 'val/sample_img_per_s' : 'train_images_per_s';
 sy.value = ['val/fid', 'val/fd_digits'].find(k => numeric.includes(k)) || numeric[0];
 function drawTrade() {
-  const series = DATA.runs.map((r, i) => ({name: r.name, color: color(i),
-    points: (value(r, sx.value) != null && value(r, sy.value) != null)
-      ? [[value(r, sx.value), value(r, sy.value)]] : []}));
+  const series = UNITS.map((u, i) => {
+    const x = stat(u, sx.value), y = stat(u, sy.value);
+    return {name: u.name, color: color(i),
+      points: (x.mean != null && y.mean != null) ? [[x.mean, y.mean, y.std]] : []};
+  });
   document.body.dataset.points = chart(document.getElementById('trade'), series,
     sx.value + (logx.checked ? ' (log)' : ''), sy.value, false, false, logx.checked);
 }
@@ -423,6 +587,7 @@ generated {html.escape(data["generated"])} by <code>python -m genlab.dashboard</
 <div class="meta">Click a header to sort; ↓ lower is better, ↑ higher is better; the best value
 of each metric is bold.</div>
 {render_table(data)}
+{render_agreement(data)}
 <div class="row">
 <div class="panel"><h2>Trade-offs</h2>
 <label>x <select id="trade-x"></select></label><label>y <select id="trade-y"></select></label>

@@ -232,7 +232,7 @@ HEADLINE = [
     "val/sample_img_per_s",
     "val/sample_nfe",
 ]
-LOWER_IS_BETTER = ("fid", "fd_", "kid", "bpd", "loss", "nfe")
+LOWER_IS_BETTER = ("fid", "fd_", "kid", "cmmd", "bpd", "loss", "nfe")  # distances, costs
 
 
 def _natural(path: Path) -> list:

@@ -7,6 +7,11 @@ metrics), logs the same table to W&B as its own run in the sweep's group (offlin
 logged in), and prints it. Jobs that failed are recorded by the jobs themselves
 (``genlab.train.main``) and the sweep goes on; at the end the callback names them and exits
 non-zero, with the command that retries only the jobs that did not complete.
+
+Jobs that differ only in their seed (``seed=0,1,2``) are also taken together
+(``genlab.groups``): ``groups.json`` and ``groups.csv`` hold each group's mean, std (ddof=1)
+and count per metric, the log shows them as ``mean ± std`` and says, for the lead headline
+metric, which pairs of groups have overlapping mean ± std intervals.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from genlab.groups import lead_metric, overlaps, pm, summarize, value_metrics
 from genlab.runs import (
     HEADLINE,
     atomic_file,
@@ -37,7 +43,10 @@ FIELDS = ["name", "status", "family", "model", "data", "parameters", "global_ste
 
 def sweep_table(sweep: str | Path) -> tuple[list[str], list[dict]]:
     """(columns, one record per job under the sweep directory, keyed by the columns)."""
-    runs = [load_run(r, sweep) for r in find_runs(sweep)]
+    return job_table([load_run(r, sweep) for r in find_runs(sweep)])
+
+
+def job_table(runs: list[dict]) -> tuple[list[str], list[dict]]:
     metrics = metric_columns(runs)
     records = [{**{f: r[f] for f in FIELDS}, **{m: r["metrics"].get(m) for m in metrics}}
                for r in runs]  # fmt: skip
@@ -104,6 +113,70 @@ def format_table(columns: list[str], records: list[dict], width: int = 12) -> st
     return "\n".join(lines)
 
 
+GROUP_FIELDS = ["group", "runs", "seeds", "n_runs", "status", "family", "model", "data"]
+
+
+def group_table(groups: list[dict]) -> tuple[list[str], list[dict]]:
+    """(columns, one row per seed group): per metric ``m`` its mean, ``m_std`` and ``m_n``."""
+    metrics = value_metrics(metric_columns([{"metrics": g["metrics"]} for g in groups]))
+    columns = GROUP_FIELDS + [f"{m}{tail}" for m in metrics for tail in ("", "_std", "_n")]
+    rows = []
+    for g in groups:
+        row = {"group": g["name"], "runs": " ".join(g["runs"]), "n_runs": len(g["runs"]),
+               "seeds": " ".join(map(str, g["seeds"])),
+               **{k: g[k] for k in ("status", "family", "model", "data")}}  # fmt: skip
+        for m in metrics:
+            s = g["metrics"].get(m) or {}
+            row.update({m: s.get("mean"), f"{m}_std": s.get("std"), f"{m}_n": s.get("n")})
+        rows.append(row)
+    return columns, rows
+
+
+def write_groups(sweep: Path, groups: list[dict], statements: list[str]) -> None:
+    """groups.json (the groups with their stats and the overlap statements) and groups.csv,
+    each atomically."""
+    doc = {"groups": groups, "overlaps": statements}
+    atomic_write_text(sweep / "groups.json", json.dumps(doc, indent=2) + "\n")
+    columns, rows = group_table(groups)
+    with atomic_file(sweep / "groups.csv", "w") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_groups(groups: list[dict], width: int = 18) -> str:
+    """The groups as text: name, runs, seeds and the headline metrics as ``mean ± std``."""
+    have = {m for g in groups for m in g["metrics"]}
+    shown = [m for m in HEADLINE if m in have][:8]
+    first = max([len(g["name"]) for g in groups] + [5])
+    heads = [m.removeprefix("val/")[:width].ljust(width) for m in shown]
+    lines = ["  ".join(["group".ljust(first), "n".ljust(2), "seeds".ljust(8), *heads])]
+    for g in groups:
+        seeds = ",".join(map(str, g["seeds"]))
+        cells = [pm(g["metrics"].get(m))[:width].ljust(width) for m in shown]
+        lines.append("  ".join([g["name"].ljust(first), str(len(g["runs"])).ljust(2),
+                                seeds[:8].ljust(8), *cells]))  # fmt: skip
+    return "\n".join(lines)
+
+
+def report_groups(sweep: Path, runs: list[dict]) -> list[dict]:
+    """Write groups.json / groups.csv and log the grouped table with the overlap statements
+    (only where there are seed groups or the lead metric has a spread: else the table repeats
+    the jobs' one)."""
+    groups = summarize(runs)
+    metric = lead_metric(groups)
+    statements = overlaps(groups, metric) if metric else []
+    write_groups(sweep, groups, statements)
+    spread = any((g["metrics"].get(metric) or {}).get("std") is not None for g in groups)
+    if spread or any(len(g["runs"]) > 1 for g in groups):
+        text = format_groups(groups)
+        if statements:
+            text += "\n" + "\n".join(statements)
+        log.info("sweep %s: %d groups (runs that differ only in seed), mean ± std\n%s",
+                 sweep, len(groups), text)  # fmt: skip
+    return groups
+
+
 class SweepSummary(Callback):
     """Args: fail_on_error: exit non-zero at the end of a sweep in which some job failed."""
 
@@ -114,13 +187,18 @@ class SweepSummary(Callback):
         sweep = Path(config.hydra.sweep.dir)
         if not sweep.is_dir():
             return
-        columns, records = sweep_table(sweep)
+        runs = [load_run(r, sweep) for r in find_runs(sweep)]
+        columns, records = job_table(runs)
         write_table(sweep, columns, records)
         try:
             log_wandb_table(config, sweep, columns, records)
         except Exception as err:  # noqa: BLE001 -- the table is on disk either way
             log.warning("W&B results table not logged: %s", err)
         log.info("sweep %s: %d jobs\n%s", sweep, len(records), format_table(columns, records))
+        try:
+            report_groups(sweep, runs)
+        except Exception as err:  # noqa: BLE001 -- the jobs' table is on disk either way
+            log.warning("groups by seed not written: %s", err)
         failed = [r for r in records if r["status"] != "completed"]
         if failed and self.fail_on_error:
             names = "; ".join(
