@@ -34,15 +34,16 @@ log = logging.getLogger("genlab")
 
 
 def sample_chunks(
-    model, n: int, ev: Evaluator, stats: dict, indices: range | None = None
+    model, n: int, ev: Evaluator, stats: dict, indices: range | None = None,
+    seed: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """uint8 chunks of samples ``indices`` (default all n) of the n-sample request,
-    ``ev.sample_batch_size`` per ``sample`` call (seed ``ev.seed``, labels balanced over the
-    classes); adds the sampling seconds and the network rows to ``stats``. Sample i draws
-    from its own stream, seeded from ``(ev.seed, i)``: the images depend neither on the batch
-    size nor on how the indices are shared among ranks."""
+    ``ev.sample_batch_size`` per ``sample`` call (``seed``, default ``ev.seed``; labels
+    balanced over the classes); adds the sampling seconds and the network rows to ``stats``.
+    Sample i draws from its own stream, seeded from ``(seed, i)``: the images depend neither
+    on the batch size nor on how the indices are shared among ranks."""
     indices = range(n) if indices is None else indices
-    seeds = SampleSeeds.for_indices(ev.seed, indices)
+    seeds = SampleSeeds.for_indices(ev.seed if seed is None else seed, indices)
     labels = (
         torch.as_tensor(list(indices), dtype=torch.long) % model.num_classes
         if model.num_classes
@@ -107,17 +108,11 @@ def guided_clip_protocol(guidance) -> dict:
     }
 
 
-def evaluate_model(
-    ev: Evaluator, model, datamodule, n: int | None = None, ranks: Ranks | None = None
+def sample_quality(
+    ev: Evaluator, model, datamodule, n: int, ranks: Ranks, seed: int
 ) -> tuple[dict[str, float], dict]:
-    """``({"val/<name>": value}, protocol)`` of ``model`` under the protocol ``ev`` sets, with
-    n samples (default ``ev.num_samples``) compared with ``datamodule``'s reference split.
-    Under DDP (``ranks``, every rank calls it) each rank samples its block of the
-    ``sample_batch_size`` chunks and its share of the bits/dim batches; rank 0 computes the
-    metrics from the gathered features and every rank returns them. The result does not
-    depend on the number of ranks."""
-    n = int(n or ev.num_samples)
-    ranks = ranks or Ranks()
+    """(metrics, protocol) of one sample set of n images drawn with ``seed``: the sample-quality
+    metrics of every extractor, the CLIP score and the sampling cost (see ``evaluate_model``)."""
     device = model.device
     guidance = model.guidance  # guided toward prompts: scored against them
     guided = guidance if guidance is not None and guidance.clip_targets(0) else None
@@ -135,7 +130,7 @@ def evaluate_model(
         )
     elif wants_images:
         stats = {"sample_s": 0.0, "rows": 0}
-        for images in sample_chunks(model, n, ev, stats, indices=share):
+        for images in sample_chunks(model, n, ev, stats, indices=share, seed=seed):
             targets = guided.clip_targets(len(images)) if guided is not None else None
             scores.update(images, clip_targets=targets)
         scores.gather(ranks)
@@ -153,6 +148,61 @@ def evaluate_model(
     if guided is not None:
         not_computed.pop("clip", None)
         protocol["clip"] = guided_clip_protocol(guided)
+    protocol["seed"] = seed
+    protocol["not_computed"] = not_computed
+    return metrics, protocol
+
+
+def spread(sets: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """The metrics of K >= 2 sample sets -> ({name: mean, name_std: sample std (ddof=1)},
+    {name: the K values}). A metric that already comes with a spread of its own inside one set
+    (``kid_std``: over KID subsets; ``is_digits_std``: over IS splits) is averaged; where its
+    name is the one the spread over sets takes (``is_digits`` -> ``is_digits_std``), the
+    within-set one is renamed ``<name>_within_std``."""
+    names = [k for k in sets[0] if all(k in s for s in sets)]
+    values = {k: [s[k] for s in sets] for k in names}
+    out: dict[str, float] = {}
+    for name in names:
+        v = torch.tensor(values[name], dtype=torch.float64)
+        if f"{name}_std" in names:  # within-set spread sits where the spread over sets goes
+            inner = torch.tensor(values[f"{name}_std"], dtype=torch.float64).mean().item()
+            out[f"{name}_within_std"] = inner
+        if name.endswith("_std") and name.removesuffix("_std") in names:
+            continue  # written above (renamed) or below (as the spread over sets)
+        out[name] = v.mean().item()
+        out[f"{name}_std"] = v.std(unbiased=True).item()
+    for name in names:  # within-set spreads whose name is free (kid_std next to kid_mean)
+        if name.endswith("_std") and name not in out and name.removesuffix("_std") not in names:
+            out[name] = torch.tensor(values[name], dtype=torch.float64).mean().item()
+    return out, values
+
+
+def evaluate_model(
+    ev: Evaluator, model, datamodule, n: int | None = None, ranks: Ranks | None = None
+) -> tuple[dict[str, float], dict]:
+    """``({"val/<name>": value}, protocol)`` of ``model`` under the protocol ``ev`` sets, with
+    n samples (default ``ev.num_samples``) compared with ``datamodule``'s reference split.
+    With ``ev.repeats`` = K > 1, K sample sets (seeds ``ev.seed`` .. ``ev.seed + K - 1``) give
+    each sample metric as the mean and ``<name>_std`` (``spread``); the protocol keeps every
+    set's values. Under DDP (``ranks``, every rank calls it) each rank samples its block of
+    the ``sample_batch_size`` chunks and its share of the bits/dim batches; rank 0 computes
+    the metrics from the gathered features and every rank returns them. The result does not
+    depend on the number of ranks."""
+    n = int(n or ev.num_samples)
+    ranks = ranks or Ranks()
+    seeds = [ev.seed + k for k in range(ev.repeats)]
+    sets = [sample_quality(ev, model, datamodule, n, ranks, seed) for seed in seeds]
+    metrics, protocol = sets[0]
+    if len(sets) > 1:
+        metrics, values = spread([m for m, _ in sets])
+        protocol["repeats"] = {
+            "k": len(sets),
+            "seeds": seeds,
+            "std": "sample standard deviation (ddof=1) over the k sample sets",
+            "values": values,
+        }
+    protocol["seed"] = ev.seed
+    not_computed = protocol.pop("not_computed")
     described = model.describe(ev.use_ema)
     protocol.update(
         sampler=described["sampler"],
@@ -175,4 +225,4 @@ def evaluate_model(
     return {f"val/{k}": v for k, v in metrics.items()}, protocol
 
 
-__all__ = ["bits_per_dim", "evaluate_model", "sample_chunks"]
+__all__ = ["bits_per_dim", "evaluate_model", "sample_chunks", "sample_quality", "spread"]

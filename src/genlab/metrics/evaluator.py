@@ -31,15 +31,25 @@ from genlab.metrics.fidelity import fidelity_metrics
 
 log = logging.getLogger("genlab")
 
-METRICS = ("fid", "kid", "is", "pr", "bpd", "bpd_ode", "cost", "clip")
-FIDELITY = ("fid", "kid", "is", "pr")
+METRICS = ("fid", "kid", "is", "pr", "dc", "cmmd", "bpd", "bpd_ode", "cost", "clip")
+FIDELITY = ("fid", "kid", "is", "pr", "dc", "cmmd")
+DIGIT_SPACES = ("digits", "clip_digits")  # extractors that only fit digit datasets
 
 
 class Evaluator:
     """Args:
-    metrics: any of fid, kid, is, pr (sample quality), bpd (models with a likelihood), cost
-        (sampling speed), clip (CLIP score of the samples against ``clip.prompts``).
-    extractors: ``inception`` and/or ``digits`` (the latter only on ``digit_datasets``).
+    metrics: any of fid, kid, is, pr, dc (density/coverage), cmmd (sample quality; cmmd on
+        the CLIP extractors), bpd (models with a likelihood), cost (sampling speed), clip (CLIP
+        score of the samples against ``clip.prompts``).
+    extractors: any of ``genlab.metrics.extractors.EXTRACTORS``: inception, dinov2 and clip
+        anywhere; digits and clip_digits only on ``digit_datasets``, faces only on
+        ``face_datasets``.
+    repeats: K sample sets (seeds ``seed`` .. ``seed + K - 1``): every sample metric is their
+        mean and ``<name>_std`` their standard deviation.
+    fd_infinity: {points, min_fraction} of FD-infinity (Chong & Forsyth 2020) for every
+        Frechet distance, or None. bootstrap: rounds of a bootstrap interval of every FD (0: off).
+    dinov2: {model, weights} of the DINOv2 extractor. cmmd_clip: {model, pretrained} of the
+        open_clip model of the ``clip`` extractor (CMMD). faces_weights: the face extractor.
     num_samples: generated images per evaluation.
     sample_batch_size: images per ``sample()`` call. batch_size: images per extractor call.
     reference_split / reference_samples: the real images the samples are compared with; a
@@ -75,6 +85,13 @@ class Evaluator:
         inception_weights: str | None = None,
         digits_weights: str | None = None,
         digit_datasets: Iterable[str] = ("mnist",),
+        face_datasets: Iterable[str] = ("celeba",),
+        faces_weights: str | None = None,
+        dinov2: dict | None = None,
+        cmmd_clip: dict | None = None,
+        repeats: int = 1,
+        fd_infinity: dict | None = None,
+        bootstrap: int = 0,
         cache_dir: str | None = None,
         clip: dict | None = None,
         on_missing_weights: str = "warn",
@@ -96,8 +113,15 @@ class Evaluator:
         self.isc_splits, self.prc_neighborhood = int(isc_splits), int(prc_neighborhood)
         self.bpd_images, self.bpd_batch_size = int(bpd_images), int(bpd_batch_size)
         self.seed, self.use_ema = int(seed), bool(use_ema)
-        self.weights = {"inception": inception_weights, "digits": digits_weights}
-        self.digit_datasets = set(digit_datasets)
+        dinov2, cmmd_clip = dict(dinov2 or {}), dict(cmmd_clip or {})
+        self.weights = {"inception": inception_weights, "digits": digits_weights,
+                        "faces": faces_weights, "dinov2": dinov2.pop("weights", None)}  # fmt: skip
+        self.options = {"dinov2": dinov2, "clip": cmmd_clip}
+        self.digit_datasets, self.face_datasets = set(digit_datasets), set(face_datasets)
+        if int(repeats) < 1:
+            raise ValueError(f"metrics.repeats must be >= 1, got {repeats}")
+        self.repeats, self.bootstrap = int(repeats), int(bootstrap)
+        self.fd_infinity = dict(fd_infinity) if fd_infinity else None
         self.cache_dir = Path(os.path.expanduser(cache_dir)) if cache_dir else None
         self.clip_cfg = dict(clip or {})
         self.on_missing_weights = on_missing_weights
@@ -114,11 +138,12 @@ class Evaluator:
         params = inspect.signature(cls).parameters
         kwargs = {k: v for k, v in dict(cfg).items() if k in params}
         kwargs.update(overrides)
-        for key in ("metrics", "extractors", "digit_datasets"):
+        for key in ("metrics", "extractors", "digit_datasets", "face_datasets"):
             if key in kwargs and kwargs[key] is not None:
                 kwargs[key] = list(kwargs[key])
-        if kwargs.get("clip") is not None:
-            kwargs["clip"] = dict(kwargs["clip"])
+        for key in ("clip", "dinov2", "cmmd_clip", "fd_infinity"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = dict(kwargs[key])
         return cls(**kwargs)
 
     # ------------------------------------------------------------------ built once
@@ -139,24 +164,33 @@ class Evaluator:
         log.warning("%s -- %s metrics are not computed for this run", err, what)
 
     def setup(self, dataset: str, device: torch.device | str = "cpu") -> list[Extractor]:
-        """The configured extractors that apply to ``dataset`` (digits: only on
-        ``digit_datasets``), each built once and moved to ``device``; missing weights warn
-        once or raise."""
+        """The configured extractors that apply to ``dataset`` (``applies``), each built once
+        and moved to ``device``; missing weights warn once or raise."""
         if not any(m in FIDELITY for m in self.metrics):
             return []
         out = []
         for key in self.extractor_keys:
-            if key in self.not_computed or (key == "digits" and dataset not in self.digit_datasets):
+            if key in self.not_computed or self.applies(key, dataset) is not True:
                 continue
             if key not in self._extractors:
                 try:
-                    self._extractors[key] = build_extractor(key, self.weights.get(key), device)
+                    self._extractors[key] = build_extractor(
+                        key, self.weights.get(key), device, self.options.get(key)
+                    )
                 except WeightsNotFoundError as err:
                     self._missing(key, err)
                     continue
             out.append(self._extractors[key])
             out[-1].module.to(device)
         return out
+
+    def applies(self, key: str, dataset: str) -> bool | str:
+        """True when extractor ``key`` fits ``dataset``, else why not."""
+        if key in DIGIT_SPACES and dataset not in self.digit_datasets:
+            return f"{dataset} is not a digit dataset (metrics.digit_datasets)"
+        if key == "faces" and dataset not in self.face_datasets:
+            return f"{dataset} is not a face dataset (metrics.face_datasets)"
+        return True
 
     def clip_scorer(self, device: torch.device | str = "cpu"):
         """The CLIP that scores images against ``clip.prompts`` (built once on ``device``);
@@ -181,8 +215,9 @@ class Evaluator:
         (``protocol.not_computed``)."""
         out = dict(self.not_computed)
         fidelity = any(m in FIDELITY for m in self.metrics)
-        if fidelity and "digits" in self.extractor_keys and dataset not in self.digit_datasets:
-            out["digits"] = f"{dataset} is not a digit dataset"
+        for key in self.extractor_keys if fidelity else ():
+            if self.applies(key, dataset) is not True:
+                out[key] = self.applies(key, dataset)
         if "clip" in self.metrics and not self.clip_cfg.get("prompts"):
             out["clip"] = "no prompts (metrics.clip.prompts)"
         return out
@@ -203,7 +238,7 @@ class Evaluator:
             "reference": {"dataset": datamodule.name, "split": self.reference_split},
             "kid_subsets": self.kid_subsets,  # subset size: per extractor (capped by N)
             "is_splits": self.isc_splits,
-            "pr_neighborhood": self.prc_neighborhood,
+            "pr_neighborhood": self.prc_neighborhood,  # and density/coverage's k
             "torch_fidelity": torch_fidelity.__version__,
         }
 
@@ -299,18 +334,21 @@ class ImageMetrics:
         protocol = ev.base_protocol(datamodule, self.num_images)
         protocol["extractors"] = {}
         settings = dict(metrics=ev.metrics, kid_subsets=ev.kid_subsets, isc_splits=ev.isc_splits,
-                        prc_neighborhood=ev.prc_neighborhood)  # fmt: skip
+                        prc_neighborhood=ev.prc_neighborhood, fd_infinity=ev.fd_infinity,
+                        bootstrap=ev.bootstrap)  # fmt: skip
         for stats in self.stats:
             ext, ref = stats.extractor, ev.reference(stats.extractor, datamodule)
             kid_size = min(ev.kid_subset_size, stats.num_images, ref["num_images"])  # capped
-            gen = stats.compute()
+            gen, how = stats.compute(), {}
             metrics.update(
                 fidelity_metrics(
-                    ext.key, ext.layers, gen, ref, kid_subset_size=kid_size, **settings
+                    ext.key, ext.layers, gen, ref, kid_subset_size=kid_size, protocol=how,
+                    **settings,
                 )
-            )
+            )  # fmt: skip
             protocol["extractors"][ext.key] = {
                 **ext.protocol(),
+                **how,
                 "kid_subset_size": kid_size,
                 "reference_images": ref["num_images"],
                 "reference_subset": ref["subset"],

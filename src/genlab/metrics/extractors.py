@@ -12,7 +12,13 @@ extractors (so torch-fidelity's own metric code runs on their features).
   classifier Inception Score. Offline and fast on a CPU; its numbers are not comparable with
   Inception FID and are logged under their own names (``val/fd_digits``, ``val/is_digits``).
 
-Both take uint8 (B, 3, H, W) images, as torch-fidelity's extractors do; grey images are
+- ``faces`` (``genlab.metrics.faces``): a small self-supervised face network shipped with
+  genlab, for face datasets offline (``val/fd_faces``, ...).
+- ``dinov2`` (``genlab.metrics.dinov2``): DINOv2 ViT CLS tokens, FD_DINOv2 (``val/fd_dinov2``).
+- ``clip`` / ``clip_digits`` (``genlab.metrics.clip_features``): CLIP image embeddings for CMMD
+  (``val/cmmd``: open_clip ViT-L/14-336; ``val/cmmd_digits``: the bundled digit CLIP).
+
+All take uint8 (B, 3, H, W) images, as torch-fidelity's extractors do; grey images are
 repeated to RGB before they get here (``genlab.data.convert.to_rgb_uint8``).
 """
 
@@ -37,7 +43,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from genlab.data.convert import from_levels
-from genlab.metrics.common import WeightsNotFoundError, sha256_file
+from genlab.metrics.common import WeightsNotFoundError, sha256_file, sha256_state
 from genlab.metrics.digits import WEIGHTS as DIGIT_WEIGHTS
 from genlab.metrics.digits import (
     WeightsFileError,
@@ -205,7 +211,7 @@ def _download(url: str, target: Path) -> str | None:
 class Extractor:
     """A ready feature extractor and what the protocol records about it."""
 
-    key: str  # "inception" | "digits": selects metric names
+    key: str  # one of EXTRACTORS: selects metric names
     module: FeatureExtractorBase
     weights_path: str
     weights_sha256: str
@@ -222,8 +228,22 @@ class Extractor:
         }
 
 
+METRIC_LAYERS = ("fid", "kid", "isc", "prc", "cmmd")  # metric -> feature layer, where provided
+EXTRACTORS = ("inception", "digits", "faces", "dinov2", "clip", "clip_digits")
+
+
 def _layers(cls) -> dict[str, str]:
-    return {m: cls.get_default_feature_layer_for_metric(m) for m in ("fid", "kid", "isc", "prc")}
+    """metric -> feature layer for the metrics the extractor serves (an extractor without a
+    class head has no ``isc``; only CLIP embeddings serve ``cmmd``)."""
+    out = {}
+    for metric in METRIC_LAYERS:
+        try:
+            layer = cls.get_default_feature_layer_for_metric(metric)
+        except KeyError:
+            layer = None
+        if layer is not None:
+            out[metric] = layer
+    return out
 
 
 @lru_cache(maxsize=4)
@@ -231,10 +251,24 @@ def _file_hash(path: str, mtime: float) -> str:
     return sha256_file(path)
 
 
+def _local_file(path: str | Path | None, what: str, fix: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"{what} weights not found at {path}: {fix}")
+    return path
+
+
 def build_extractor(
-    key: str, weights: str | Path | None = None, device: str | torch.device = "cpu"
+    key: str,
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    options: Mapping | None = None,
 ) -> Extractor:
-    """``inception`` or ``digits``, in eval mode on ``device``. Raises WeightsNotFoundError."""
+    """One of ``EXTRACTORS``, in eval mode on ``device``. ``weights``: a local weights file
+    (None: the default place, a cache or a download); ``options``: ``dinov2.model`` for dinov2,
+    ``model`` / ``pretrained`` of the open_clip model for clip. Raises WeightsNotFoundError."""
+    options = dict(options or {})
+    kwargs: dict = {}
     if key == "inception":
         path = inception_weights_path(weights)
         cls, name, resize = (
@@ -243,21 +277,52 @@ def build_extractor(
             "torch-fidelity TF1-compatible bilinear resize of uint8 images to 299x299",
         )
     elif key == "digits":
-        path = Path(weights or DIGIT_WEIGHTS)
-        if not path.is_file():
-            raise WeightsNotFoundError(
-                f"digit classifier weights not found at {path}: train them with "
-                f"`python -m genlab.metrics.train_digits data_dir=<dir with MNIST/raw>`"
-            )
-        cls, name, resize = (
-            DigitFeatureExtractor,
-            "genlab-digits",
-            "grey average, bilinear antialiased resize to 28x28",
+        fix = (
+            "train them with `python -m genlab.metrics.train_digits data_dir=<dir with MNIST/raw>`"
         )
+        path = _local_file(weights or DIGIT_WEIGHTS, "digit classifier", fix)
+        cls, name = DigitFeatureExtractor, "genlab-digits"
+        resize = "grey average, bilinear antialiased resize to 28x28"
+    elif key == "faces":
+        from genlab.metrics.faces import WEIGHTS as FACE_WEIGHTS
+        from genlab.metrics.faces import FaceFeatureExtractor
+
+        fix = (
+            "train them with `python -m genlab.metrics.train_faces data_dir=<dir with "
+            "img_align_celeba>`"
+        )
+        path = _local_file(weights or FACE_WEIGHTS, "face extractor", fix)
+        cls, name = FaceFeatureExtractor, "genlab-faces"
+        resize = "bilinear antialiased resize to 64x64"
+    elif key == "dinov2":
+        from genlab.metrics.dinov2 import DEFAULT_MODEL, DINOv2FeatureExtractor, dinov2_weights_path
+
+        kwargs["model"] = options.get("model") or DEFAULT_MODEL
+        path = dinov2_weights_path(kwargs["model"], weights)  # None: timm downloads it
+        cls, name = DINOv2FeatureExtractor, "genlab-dinov2"
+        resize = "bicubic antialiased resize to 224x224, ImageNet mean/std (dgm-eval)"
+    elif key in ("clip", "clip_digits"):
+        from genlab.metrics.clip_features import CMMD_CLIP, DIGITS_CLIP, CLIPImageFeatureExtractor
+
+        spec = {**(CMMD_CLIP if key == "clip" else DIGITS_CLIP), **options}
+        kwargs = {"clip_model": spec["model"], "clip_pretrained": spec.get("pretrained")}
+        path = weights
+        cls, name = CLIPImageFeatureExtractor, "genlab-clip-image"
+        resize = "open_clip's evaluation transform on tensors, L2-normalised embedding"
     else:
-        raise ValueError(f"unknown feature extractor {key!r}: use inception or digits")
+        raise ValueError(f"unknown feature extractor {key!r}: use one of {', '.join(EXTRACTORS)}")
     layers = _layers(cls)
-    module = cls(name, sorted(set(layers.values())), feature_extractor_weights_path=str(path))
+    weights_arg = str(path) if path is not None else None
+    module = cls(name, sorted(set(layers.values())), feature_extractor_weights_path=weights_arg,
+                 **kwargs)  # fmt: skip
     module = module.to(device).eval().requires_grad_(False)
-    sha = _file_hash(str(path.resolve()), path.stat().st_mtime)
-    return Extractor(key, module, str(path), sha, resize, layers)
+    if key in ("clip", "clip_digits"):
+        info = module.info
+        return Extractor(key, module, str(info["weights_file"] or info["model"]),
+                         info["weights_sha256"], resize, layers)  # fmt: skip
+    if path is None:  # dinov2 downloaded by timm: identify it by its weights
+        sha = sha256_state(module)
+    else:
+        sha = _file_hash(str(path.resolve()), path.stat().st_mtime)
+    return Extractor(key, module, str(path) if path else f"hf-hub:timm/{kwargs['model']}", sha,
+                     resize, layers)  # fmt: skip

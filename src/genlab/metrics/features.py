@@ -5,10 +5,11 @@
 - ``FeatureStats``: what an evaluation keeps of its images, per extractor: ``update(images)``
   with each chunk as it comes (so memory is bounded by the features, not the images),
   ``compute()`` -> the features of all of them, ``reset()``.
-- ``ReferenceCache``: features and FID mean/covariance of a dataset's reference split, computed
-  once and kept in memory and on disk under ``<cache_dir>/reference``, keyed by the dataset's
-  fields (name, split, resolution, file fingerprint), the number of images, the extractor and
-  the sha256 of its weights; a second evaluation costs only the generated side.
+- ``ReferenceCache``: features and FID mean/covariance (where the extractor serves FD) of a
+  dataset's reference split, computed once and kept in memory and on disk under
+  ``<cache_dir>/reference``, keyed by the dataset's fields (name, split, resolution, file
+  fingerprint), the number of images, the extractor and the sha256 of its weights; a second
+  evaluation costs only the generated side.
 """
 
 from __future__ import annotations
@@ -124,14 +125,11 @@ class ReferenceCache:
             log.info("reference features: %d %s images (%s)", len(images), split, ext.key)
         desc = f"eval: reference features ({ext.key})"
         feats = extract_features(ext, images, self.batch_size, desc, self.progress)
-        stats = fid_features_to_statistics(feats[ext.layers["fid"]])
-        return {
-            "features": feats,
-            "mu": torch.from_numpy(stats["mu"]),
-            "sigma": torch.from_numpy(stats["sigma"]),
-            "num_images": len(images),
-            "subset": subset,
-        }
+        ref = {"features": feats, "num_images": len(images), "subset": subset}
+        if "fid" in ext.layers:  # FD's statistics (a CLIP space serves CMMD only)
+            stats = fid_features_to_statistics(feats[ext.layers["fid"]])
+            ref.update(mu=torch.from_numpy(stats["mu"]), sigma=torch.from_numpy(stats["sigma"]))
+        return ref
 
 
 def reference_images(datamodule, split: str, samples: int | None) -> tuple[torch.Tensor, str]:

@@ -36,7 +36,14 @@ from torch_fidelity.metric_prc import (
     prc_features_to_metric,
 )
 
-# torch-fidelity result key -> metric name, per extractor (digit numbers get their own names)
+from genlab.metrics.frechet import bootstrap_fd, infinity_counts
+from genlab.metrics.frechet import fd_infinity as frechet_infinity
+from genlab.metrics.kernels import CMMD_SCALE, CMMD_SIGMA, cmmd, density_coverage
+
+MIN_INFINITY_SAMPLES = 50  # FD-infinity below this: too few points to fit
+
+# torch-fidelity result key -> metric name, per extractor (each feature space gets its own
+# names: their numbers do not compare). Inception's are the standard names.
 NAMES = {
     "inception": {
         KEY_METRIC_FID: "fid",
@@ -46,6 +53,8 @@ NAMES = {
         KEY_METRIC_ISC_STD: "is_std",
         KEY_METRIC_PRECISION: "precision",
         KEY_METRIC_RECALL: "recall",
+        "density": "density",
+        "coverage": "coverage",
     },
     "digits": {
         KEY_METRIC_FID: "fd_digits",
@@ -55,8 +64,22 @@ NAMES = {
         KEY_METRIC_ISC_STD: "is_digits_std",
         KEY_METRIC_PRECISION: "precision_digits",
         KEY_METRIC_RECALL: "recall_digits",
+        "density": "density_digits",
+        "coverage": "coverage_digits",
     },
+    "clip": {"cmmd": "cmmd"},
+    "clip_digits": {"cmmd": "cmmd_digits"},
 }
+for _space in ("faces", "dinov2"):  # no class head: no Inception Score
+    NAMES[_space] = {
+        KEY_METRIC_FID: f"fd_{_space}",
+        KEY_METRIC_KID_MEAN: f"kid_{_space}_mean",
+        KEY_METRIC_KID_STD: f"kid_{_space}_std",
+        KEY_METRIC_PRECISION: f"precision_{_space}",
+        KEY_METRIC_RECALL: f"recall_{_space}",
+        "density": f"density_{_space}",
+        "coverage": f"coverage_{_space}",
+    }
 FIDELITY_SEED = DEFAULTS["rng_seed"]  # torch-fidelity's seed for IS shuffling and KID subsets
 
 
@@ -71,17 +94,47 @@ def fidelity_metrics(
     kid_subset_size: int,
     isc_splits: int,
     prc_neighborhood: int,
+    fd_infinity: dict | None = None,
+    bootstrap: int = 0,
+    protocol: dict | None = None,
 ) -> dict[str, float]:
-    """FID / KID / IS / PR by torch-fidelity's own functions, generated features ``gen``
-    ({layer: (N, D)}) against a reference ({"features": {layer: (M, D)}, "mu", "sigma"}),
-    named for the extractor ``key`` (``NAMES``). ``layers`` maps fid/kid/isc/prc to layers."""
-    out: dict[str, float] = {}
+    """FID / KID / IS / PR by torch-fidelity's own functions, density/coverage and CMMD
+    (``genlab.metrics.kernels``), generated features ``gen`` ({layer: (N, D)}) against a
+    reference ({"features": {layer: (M, D)}, "mu", "sigma"}), named for the extractor ``key``
+    (``NAMES``; a metric the extractor has no layer for is skipped). ``layers`` maps
+    fid/kid/isc/prc/cmmd to layers. With ``fid``: ``fd_infinity`` ({points, min_fraction}, or
+    None) adds ``<fd name>_inf`` (Chong & Forsyth 2020), ``bootstrap`` > 0 rounds add
+    ``<fd name>_ci_low`` / ``_ci_high`` (``genlab.metrics.frechet``); how each was computed
+    goes into ``protocol`` when given."""
+    out: dict[str, float] = {}  # torch-fidelity's keys
+    derived: dict[str, float] = {}  # named already: FD-infinity, the bootstrap interval
     real = ref["features"]
-    if "fid" in metrics:
+    names = NAMES[key]
+    protocol = {} if protocol is None else protocol
+    want = {m for m in metrics if m != "pr" or "prc" in layers}
+    if "fid" in want and "fid" in layers:
         stats_gen = fid_features_to_statistics(gen[layers["fid"]])
         stats_ref = {"mu": ref["mu"].numpy(), "sigma": ref["sigma"].numpy()}
         out.update(fid_statistics_to_metric(stats_gen, stats_ref, verbose=False))
-    if "kid" in metrics:
+        fd = names[KEY_METRIC_FID]
+        n = len(gen[layers["fid"]])
+        if fd_infinity and n >= MIN_INFINITY_SAMPLES:
+            counts = infinity_counts(n, int(fd_infinity.get("points", 5)),
+                                     float(fd_infinity.get("min_fraction", 0.25)))  # fmt: skip
+            inf = frechet_infinity(gen[layers["fid"]], ref, counts, seed=FIDELITY_SEED)
+            derived[f"{fd}_inf"] = inf["value"]
+            protocol["fd_infinity"] = {"counts": counts, "fit": "least squares FD_N = FD_inf "
+                                       "+ slope / N (Chong & Forsyth 2020)",
+                                       f"{fd}_at_counts": inf["fd"]}  # fmt: skip
+        elif fd_infinity:
+            protocol["fd_infinity"] = f"not computed: fewer than {MIN_INFINITY_SAMPLES} samples"
+        if bootstrap:
+            boot = bootstrap_fd(gen[layers["fid"]], ref, int(bootstrap), seed=FIDELITY_SEED)
+            derived[f"{fd}_ci_low"], derived[f"{fd}_ci_high"] = boot["low"], boot["high"]
+            protocol["bootstrap"] = {"rounds": boot["rounds"], "interval": "2.5-97.5 percentile "
+                                     "of the FD of resampled generated features",
+                                     "std": boot["std"]}  # fmt: skip
+    if "kid" in want and "kid" in layers:
         out.update(
             kid_features_to_metric(
                 gen[layers["kid"]],
@@ -92,9 +145,9 @@ def fidelity_metrics(
                 verbose=False,
             )
         )
-    if "is" in metrics:
+    if "is" in want and "isc" in layers:
         out.update(isc_features_to_metric(gen[layers["isc"]], isc_splits, True, FIDELITY_SEED))
-    if "pr" in metrics:
+    if "pr" in want:
         out.update(
             prc_features_to_metric(
                 gen[layers["prc"]],
@@ -104,7 +157,16 @@ def fidelity_metrics(
                 verbose=False,
             )
         )
-    return {NAMES[key][k]: float(v) for k, v in out.items() if k in NAMES[key]}
+    if "dc" in want and "prc" in layers and len(real[layers["prc"]]) > prc_neighborhood:
+        out.update(density_coverage(real[layers["prc"]], gen[layers["prc"]], prc_neighborhood))
+        protocol["density_coverage"] = {"neighbours": prc_neighborhood,
+                                        "features": layers["prc"]}  # fmt: skip
+    if "cmmd" in want and "cmmd" in layers and len(gen[layers["cmmd"]]) >= 2:
+        out["cmmd"] = cmmd(gen[layers["cmmd"]], real[layers["cmmd"]])
+        protocol["cmmd"] = {"sigma": CMMD_SIGMA, "scale": CMMD_SCALE,
+                            "estimator": "unbiased MMD^2, Gaussian RBF"}  # fmt: skip
+    named = {names[k]: float(v) for k, v in out.items() if k in names}
+    return {**named, **derived}
 
 
 class TensorReference:
