@@ -17,7 +17,9 @@ the extractors' features, built as the evaluator builds them (``build_extractor`
 CMMD (``genlab.metrics.kernels.cmmd``) on the bundled digit CLIP's image embeddings
 (``clip_digits``) is added.
 
-Run: ``python bench/extractor_validation.py [--n 1000] [--extractors digits,faces]``. Writes
+Run: ``python bench/extractor_validation.py [--n 1000] [--extractors digits,faces]``;
+``--extractors inception,dinov2 --weights inception=<file> --weights dinov2=<file>`` adds the
+online spaces on the faces when their weights exist (slow on a CPU: use a GPU). Writes
 ``bench/results/extractor_validation.csv`` and ``docs/assets/extractor_validation.png`` and
 prints a table with, per curve, whether the distance rises monotonically with strength.
 """
@@ -173,13 +175,14 @@ def load_celeba(assets: Path = ASSETS, cache_dir: str | None = None):
     return load_faces(str(assets / "celeba"), cache_dir)
 
 
-def extractor(key: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 (N, 3, H, W) -> (N, D) float features of ``digits``, ``faces`` or ``clip_digits``,
-    built as the evaluator builds them (``genlab.metrics.extractors.build_extractor``); the
-    layer is the one FID (or, for CLIP, CMMD) uses."""
+def extractor(key: str, weights: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 (N, 3, H, W) -> (N, D) float features of any ``EXTRACTORS`` key (``weights``: its
+    weights file), built as the evaluator builds them
+    (``genlab.metrics.extractors.build_extractor``); the layer is the one FID (or, for CLIP,
+    CMMD) uses."""
     from genlab.metrics.extractors import build_extractor
 
-    ex = build_extractor(key)
+    ex = build_extractor(key, weights)
     layer = ex.layers.get("fid") or ex.layers["cmmd"]
     index = list(ex.module.features_list).index(layer)
 
@@ -268,7 +271,13 @@ def main() -> None:
     parser.add_argument(
         "--ref", type=int, default=0, help="reference images (0: whole train split)"
     )
-    parser.add_argument("--extractors", default="digits,faces")
+    parser.add_argument(
+        "--extractors",
+        default="digits,faces",
+        help="digits, faces; inception and dinov2 (on the faces) when --weights names a file",
+    )
+    parser.add_argument("--weights", action="append", default=[], metavar="KEY=FILE",
+                        help="weights of an extractor, e.g. inception=<file>")  # fmt: skip
     parser.add_argument("--assets", type=Path, default=ASSETS)
     parser.add_argument("--cache-dir", default="/tmp/genlab_bench_cache")
     parser.add_argument("--csv", type=Path, default=CSV_PATH)
@@ -283,12 +292,15 @@ def main() -> None:
         "digits": ("fd_digits", mnist_train[ref], mnist_test[: args.n], celeba_val),
         "faces": ("fd_faces", celeba_train[ref], celeba_val[: args.n], mnist_test),
     }
+    for key, metric in (("inception", "fid"), ("dinov2", "fd_dinov2")):  # slow on a CPU
+        setups[key] = (metric, *setups["faces"][1:])
+    weights = dict(w.split("=", 1) for w in args.weights)
     results, rows = {}, []
     for key in keys:
         metric, reference, held_out, other = setups[key]
         start = time.time()
         results[f"{metric} ({key}: {len(held_out)} held-out vs {len(reference)} train)"] = table = (
-            curves(extractor(key), reference, held_out, other)
+            curves(extractor(key, weights.get(key)), reference, held_out, other)
         )
         rows += [
             (key, metric, d, s, v) for d, vs in table.items() for s, v in zip(STRENGTHS[d], vs)

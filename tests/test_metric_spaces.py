@@ -137,14 +137,16 @@ def test_fidelity_metrics_names_every_space_apart():
         "faces", {"fid": "256", "kid": "256", "prc": "256"}, gen, ref,
         metrics=["fid", "kid", "is", "pr", "dc"], kid_subsets=5, kid_subset_size=50,
         isc_splits=2, prc_neighborhood=3, fd_infinity={"points": 4, "min_fraction": 0.5},
-        bootstrap=5, protocol=how,
+        bootstrap=5, dc_neighborhood=4, protocol=how,
     )  # fmt: skip
     assert set(out) == {
         "fd_faces", "fd_faces_inf", "fd_faces_ci_low", "fd_faces_ci_high", "kid_faces_mean",
         "kid_faces_std", "precision_faces", "recall_faces", "density_faces", "coverage_faces",
     }  # fmt: skip
     assert how["fd_infinity"]["counts"] == [100, 133, 167, 200]
-    assert how["density_coverage"]["neighbours"] == 3 and how["bootstrap"]["rounds"] == 5
+    assert how["density_coverage"]["neighbours"] == 4 and how["bootstrap"]["rounds"] == 5
+    # as many real features as generated (a fixed subset), as Naeem et al. compare them
+    assert how["density_coverage"]["real"].startswith("200 of 300")
 
 
 # ------------------------------------------------------------------ repeats
@@ -206,6 +208,20 @@ def test_dinov2_loads_a_saved_file_through_timm_with_distinct_features(random_di
     assert torch.allclose(feats, again, atol=1e-5)
     # the same weights file, checked by the protocol
     assert ext.protocol()["weights"] == str(random_dino)
+
+
+def test_dinov2_weights_at_the_published_resolution_load_at_224(tmp_path):
+    """The published DINOv2 weights are for 518x518 (37x37 patches); timm's filter resizes the
+    position embeddings to the 16x16 patches of 224x224 as they load."""
+    import timm
+
+    torch.manual_seed(0)
+    published = timm.create_model(SMALL_DINO, pretrained=False, num_classes=0)
+    assert published.pos_embed.shape[1] == 1 + 37 * 37
+    torch.save(published.state_dict(), tmp_path / "dinov2-518.pth")
+    net = dinov2_module.load_dinov2(SMALL_DINO, tmp_path / "dinov2-518.pth")
+    assert net.pos_embed.shape[1] == 1 + 16 * 16
+    assert torch.equal(net.blocks[0].attn.qkv.weight, published.blocks[0].attn.qkv.weight)
 
 
 def test_dinov2_offline_without_weights_is_one_line(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ def _apply(overrides: list[str], gpu: bool, monkeypatch) -> tuple:
 def test_no_gpu_means_minutes_the_cpu_protocol_and_an_early_grid(monkeypatch):
     cfg, applied = _apply([], gpu=False, monkeypatch=monkeypatch)
     assert cfg.profile == "cpu" and cfg.trainer.max_time == profile.CPU_TIME
-    assert cfg.metrics.num_samples == 1000 and list(cfg.metrics.extractors) == ["digits"]
+    assert cfg.metrics.num_samples == 1000 and list(cfg.metrics.extractors) == ["digits", "faces"]
     assert cfg.callbacks.sample_grid.every_n_steps == 100
     assert f"trainer.max_time={profile.CPU_TIME}" in applied
     assert "metrics.num_samples=1000" in applied
@@ -32,7 +32,7 @@ def test_no_gpu_means_minutes_the_cpu_protocol_and_an_early_grid(monkeypatch):
 def test_overrides_a_chosen_trainer_and_experiments_win(monkeypatch):
     cfg, applied = _apply(["trainer.max_steps=300", "metrics.num_samples=64"], False, monkeypatch)
     assert cfg.trainer.max_time is None and cfg.trainer.max_steps == 300
-    assert cfg.metrics.num_samples == 64 and list(cfg.metrics.extractors) == ["digits"]
+    assert cfg.metrics.num_samples == 64 and list(cfg.metrics.extractors) == ["digits", "faces"]
     assert not any(a.startswith("trainer.") for a in applied)
 
     cfg, applied = _apply(["trainer=cpu", "metrics=default"], False, monkeypatch)

@@ -170,6 +170,8 @@ def clip_dir(tmp_path: Path, weights: Path) -> Path:
 LOADERS = {
     "inception": lambda path: build_extractor("inception", path),
     "digit extractor": lambda path: build_extractor("digits", path),
+    "face extractor": lambda path: build_extractor("faces", path),
+    "dinov2": lambda path: build_extractor("dinov2", path),
     "digit classifier": lambda path: load_digit_classifier(path),
     "noise-aware classifier": lambda path: load_noisy_classifier(path),
     "clip": lambda path: load_clip(f"local-dir:{clip_dir(path.parent, path)}"),

@@ -26,6 +26,7 @@ from genlab.runs import HEADLINE, lower_is_better, metric_columns
 FIELDS = ("parameters", "global_step", "train_images_per_s", "wall_time_s")  # averaged too
 PER_JOB = ("paths.", "hydra.")  # config keys that differ per job (as config_differences skips)
 COST = ("_per_s", "nfe")  # cost metrics (sampling images/s, NFE): not a quality ranking
+BOUNDS = ("_std", "_ci_low", "_ci_high")  # a metric's spread or interval, not a metric
 
 
 # ------------------------------------------------------------------ which runs go together
@@ -207,15 +208,17 @@ def metric_agreement(runs: Sequence[dict], min_runs: int = 3) -> Agreement:
     """Kendall τ between the rankings of ``runs`` (records with a ``metrics`` dict) by every
     pair of validation metrics at least ``min_runs`` of them have; each metric is ranked best
     first (``lower_is_better`` ones reversed), so τ = +1 means the two metrics order the runs
-    the same way. Spread columns (``_std``) and cost metrics are left out. A pair is computed
-    on the runs that have both metrics (nan with fewer than ``min_runs`` or a constant one)."""
+    the same way. Spread and interval columns (``_std``, ``_ci_low`` / ``_ci_high``) and cost
+    metrics are left out. A pair is computed on the runs that have both metrics (nan with fewer
+    than ``min_runs`` or a constant one)."""
     from scipy.stats import kendalltau
 
     def finite(r, m):
         v = r["metrics"].get(m)
         return isinstance(v, int | float) and math.isfinite(v)
 
-    columns = [m for m in metric_columns(list(runs)) if not m.endswith("_std") and not is_cost(m)]
+    columns = [m for m in metric_columns(list(runs))
+               if not m.endswith(BOUNDS) and not is_cost(m)]  # fmt: skip
     metrics = [m for m in columns if sum(finite(r, m) for r in runs) >= min_runs]
     size = len(metrics)
     tau, n = np.full((size, size), np.nan), np.zeros((size, size), dtype=int)

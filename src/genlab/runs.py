@@ -219,6 +219,8 @@ def load_model(
 HEADLINE = [
     "val/fid",
     "val/fd_digits",
+    "val/fd_faces",
+    "val/fd_dinov2",
     "val/kid_mean",
     "val/kid_digits_mean",
     "val/is_mean",

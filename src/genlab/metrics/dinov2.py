@@ -12,7 +12,8 @@ Weights, in order: ``metrics.dinov2.weights=<file>`` (a timm or the original fac
 state dict, ``.pth`` or ``.safetensors``; timm's filter converts the original keys and resizes
 the position embeddings), else the Hugging Face cache, else a download through timm when the
 hub is reachable. Offline with none of them: one ``WeightsNotFoundError`` line that names the
-file and where to put it. Files are read with ``weights_only=True`` (timm's loader).
+file and where to put it. Files are read by genlab (``weights_only=True``; safetensors) and the
+state dict handed to timm.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from genlab.metrics.common import WeightsNotFoundError
-from genlab.metrics.digits import WeightsFileError
+from genlab.metrics.digits import WeightsFileError, load_weights_file
 from genlab.utils import one_line, reachable
 
 DEFAULT_MODEL = "vit_base_patch14_dinov2.lvd142m"
@@ -44,19 +45,44 @@ def _hint(model: str) -> str:
     )
 
 
-def _create(model: str, weights: str | None):
+def _read(path: Path, model: str) -> dict:
+    """The state dict in ``path``: safetensors, or torch.load with ``weights_only=True``
+    (genlab's reader: a crafted pickle is refused, a corrupt file is one line)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as err:  # noqa: BLE001 -- any unreadable file is one line
+            raise WeightsFileError(
+                f"DINOv2 weights {path} are not a readable safetensors file ({one_line(err)}): "
+                f"{_hint(model)}"
+            ) from err
+    state = load_weights_file(path, "DINOv2", _hint(model))
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a training checkpoint around the weights
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsFileError(f"DINOv2 weights {path} are not a state dict: {_hint(model)}")
+    return state
+
+
+def _create(model: str, weights: Path | None):
+    """timm's ``model`` at 224x224 without a head: random (no weights), or loaded from the state
+    dict in ``weights`` through timm's filter (original DINOv2 keys converted, position
+    embeddings resized)."""
     import timm  # installed with open_clip; imported only when DINOv2 is asked for
 
     kwargs = dict(num_classes=0, img_size=IMAGE_SIZE)
     if weights is None:
         return timm.create_model(model, pretrained=False, **kwargs)
+    state = _read(Path(weights), model)
     try:
         return timm.create_model(
-            model, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **kwargs
+            model, pretrained=True, pretrained_cfg_overlay={"state_dict": state}, **kwargs
         )
-    except (RuntimeError, KeyError, ValueError, OSError) as err:  # unreadable or other shapes
+    except (RuntimeError, KeyError, ValueError) as err:  # other keys or shapes
         raise WeightsFileError(
-            f"DINOv2 weights {weights} do not load into {model} ({one_line(err)}): {_hint(model)}"
+            f"DINOv2 weights {weights} do not fit {model} ({one_line(err)}): {_hint(model)}"
         ) from err
 
 
@@ -91,7 +117,7 @@ def load_dinov2(model: str = DEFAULT_MODEL, weights: str | Path | None = None) -
 
         net = timm.create_model(model, pretrained=True, num_classes=0, img_size=IMAGE_SIZE)
     else:
-        net = _create(model, str(path))
+        net = _create(model, path)
     return net.eval().requires_grad_(False)
 
 

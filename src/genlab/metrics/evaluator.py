@@ -56,6 +56,7 @@ class Evaluator:
         fixed random subset (seed 0) when the split is larger, all of it when null.
     kid_subset_size / kid_subsets / isc_splits / prc_neighborhood: torch-fidelity's settings
         (the subset size is capped by the number of images; the protocol records it).
+    dc_neighborhood: k of density/coverage (Naeem et al. 2020 use 5).
     bpd_images / bpd_batch_size: validation images for bits/dim and their batch size.
     seed: seeds the generated side (same noise at every evaluation).
     use_ema: sample with EMA weights where the family has them.
@@ -78,6 +79,7 @@ class Evaluator:
         kid_subsets: int = 100,
         isc_splits: int = 10,
         prc_neighborhood: int = 3,
+        dc_neighborhood: int = 5,
         bpd_images: int = 1000,
         bpd_batch_size: int = 64,
         seed: int = 0,
@@ -111,6 +113,7 @@ class Evaluator:
         self.reference_samples = reference_samples
         self.kid_subset_size, self.kid_subsets = int(kid_subset_size), int(kid_subsets)
         self.isc_splits, self.prc_neighborhood = int(isc_splits), int(prc_neighborhood)
+        self.dc_neighborhood = int(dc_neighborhood)
         self.bpd_images, self.bpd_batch_size = int(bpd_images), int(bpd_batch_size)
         self.seed, self.use_ema = int(seed), bool(use_ema)
         dinov2, cmmd_clip = dict(dinov2 or {}), dict(cmmd_clip or {})
@@ -238,7 +241,7 @@ class Evaluator:
             "reference": {"dataset": datamodule.name, "split": self.reference_split},
             "kid_subsets": self.kid_subsets,  # subset size: per extractor (capped by N)
             "is_splits": self.isc_splits,
-            "pr_neighborhood": self.prc_neighborhood,  # and density/coverage's k
+            "pr_neighborhood": self.prc_neighborhood,
             "torch_fidelity": torch_fidelity.__version__,
         }
 
@@ -335,7 +338,7 @@ class ImageMetrics:
         protocol["extractors"] = {}
         settings = dict(metrics=ev.metrics, kid_subsets=ev.kid_subsets, isc_splits=ev.isc_splits,
                         prc_neighborhood=ev.prc_neighborhood, fd_infinity=ev.fd_infinity,
-                        bootstrap=ev.bootstrap)  # fmt: skip
+                        bootstrap=ev.bootstrap, dc_neighborhood=ev.dc_neighborhood)  # fmt: skip
         for stats in self.stats:
             ext, ref = stats.extractor, ev.reference(stats.extractor, datamodule)
             kid_size = min(ev.kid_subset_size, stats.num_images, ref["num_images"])  # capped

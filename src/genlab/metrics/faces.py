@@ -87,15 +87,15 @@ def load_face_net(path: str | Path | None = None, device: str = "cpu") -> FaceNe
     than tensors) or the state of another network."""
     path = Path(path or WEIGHTS)
     if not path.is_file():
-        raise WeightsNotFoundError(f"face encoder weights not found at {path}: {TRAIN_HINT}")
-    state = load_weights_file(path, "face encoder", TRAIN_HINT)
+        raise WeightsNotFoundError(f"face extractor weights not found at {path}: {TRAIN_HINT}")
+    state = load_weights_file(path, "face extractor", TRAIN_HINT)
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise WeightsFileError(
-            f"face encoder weights {path} are not a state dict (name -> tensor): {TRAIN_HINT}"
+            f"face extractor weights {path} are not a state dict (name -> tensor): {TRAIN_HINT}"
         )
-    net = load_state(FaceNet(), dict(state), path, "face encoder", TRAIN_HINT)
+    net = load_state(FaceNet(), dict(state), path, "face extractor", TRAIN_HINT)
     return net.to(device).eval()
 
 

@@ -96,6 +96,7 @@ def fidelity_metrics(
     prc_neighborhood: int,
     fd_infinity: dict | None = None,
     bootstrap: int = 0,
+    dc_neighborhood: int = 5,
     protocol: dict | None = None,
 ) -> dict[str, float]:
     """FID / KID / IS / PR by torch-fidelity's own functions, density/coverage and CMMD
@@ -104,8 +105,10 @@ def fidelity_metrics(
     (``NAMES``; a metric the extractor has no layer for is skipped). ``layers`` maps
     fid/kid/isc/prc/cmmd to layers. With ``fid``: ``fd_infinity`` ({points, min_fraction}, or
     None) adds ``<fd name>_inf`` (Chong & Forsyth 2020), ``bootstrap`` > 0 rounds add
-    ``<fd name>_ci_low`` / ``_ci_high`` (``genlab.metrics.frechet``); how each was computed
-    goes into ``protocol`` when given."""
+    ``<fd name>_ci_low`` / ``_ci_high`` (``genlab.metrics.frechet``). Density/coverage use
+    ``dc_neighborhood`` neighbours (Naeem et al.'s k = 5) and a fixed random subset of as many
+    reference features as there are generated ones. How each was computed goes into
+    ``protocol`` when given."""
     out: dict[str, float] = {}  # torch-fidelity's keys
     derived: dict[str, float] = {}  # named already: FD-infinity, the bootstrap interval
     real = ref["features"]
@@ -157,16 +160,34 @@ def fidelity_metrics(
                 verbose=False,
             )
         )
-    if "dc" in want and "prc" in layers and len(real[layers["prc"]]) > prc_neighborhood:
-        out.update(density_coverage(real[layers["prc"]], gen[layers["prc"]], prc_neighborhood))
-        protocol["density_coverage"] = {"neighbours": prc_neighborhood,
-                                        "features": layers["prc"]}  # fmt: skip
+    if "dc" in want and "prc" in layers:
+        out.update(_density_coverage(real[layers["prc"]], gen[layers["prc"]], dc_neighborhood,
+                                     layers["prc"], protocol))  # fmt: skip
     if "cmmd" in want and "cmmd" in layers and len(gen[layers["cmmd"]]) >= 2:
         out["cmmd"] = cmmd(gen[layers["cmmd"]], real[layers["cmmd"]])
         protocol["cmmd"] = {"sigma": CMMD_SIGMA, "scale": CMMD_SCALE,
                             "estimator": "unbiased MMD^2, Gaussian RBF"}  # fmt: skip
     named = {names[k]: float(v) for k, v in out.items() if k in names}
     return {**named, **derived}
+
+
+def _density_coverage(pool: torch.Tensor, fake: torch.Tensor, k: int, layer: str,
+                      protocol: dict) -> dict[str, float]:  # fmt: skip
+    """Density and coverage of ``fake`` against a fixed random subset of as many reference
+    features (Naeem et al. compare equal counts: coverage depends on the ratio; seeded), or
+    nothing when either side has at most k features."""
+    if min(len(pool), len(fake)) <= k:
+        return {}
+    real = pool
+    if len(pool) > len(fake):
+        g = torch.Generator().manual_seed(FIDELITY_SEED)
+        real = pool[torch.randperm(len(pool), generator=g)[: len(fake)]]
+    protocol["density_coverage"] = {
+        "neighbours": k,
+        "features": layer,
+        "real": f"{len(real)} of {len(pool)} reference features (seed {FIDELITY_SEED})",
+    }
+    return density_coverage(real, fake, k)
 
 
 class TensorReference:
