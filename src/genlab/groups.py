@@ -27,6 +27,7 @@ FIELDS = ("parameters", "global_step", "train_images_per_s", "wall_time_s")  # a
 PER_JOB = ("paths.", "hydra.")  # config keys that differ per job (as config_differences skips)
 COST = ("_per_s", "nfe")  # cost metrics (sampling images/s, NFE): not a quality ranking
 BOUNDS = ("_std", "_ci_low", "_ci_high")  # a metric's spread or interval, not a metric
+NOT_RANKED = ("val/loss",)  # each family's own objective: no common scale to rank runs by
 
 
 # ------------------------------------------------------------------ which runs go together
@@ -209,8 +210,9 @@ def metric_agreement(runs: Sequence[dict], min_runs: int = 3) -> Agreement:
     pair of validation metrics at least ``min_runs`` of them have; each metric is ranked best
     first (``lower_is_better`` ones reversed), so τ = +1 means the two metrics order the runs
     the same way. Spread and interval columns (``_std``, ``_ci_low`` / ``_ci_high``) and cost
-    metrics are left out. A pair is computed on the runs that have both metrics (nan with fewer
-    than ``min_runs`` or a constant one)."""
+    metrics are left out, and so is ``val/loss`` (each family's own objective). A pair is
+    computed on the runs that have both metrics (nan with fewer than ``min_runs`` or a
+    constant one)."""
     from scipy.stats import kendalltau
 
     def finite(r, m):
@@ -218,7 +220,7 @@ def metric_agreement(runs: Sequence[dict], min_runs: int = 3) -> Agreement:
         return isinstance(v, int | float) and math.isfinite(v)
 
     columns = [m for m in metric_columns(list(runs))
-               if not m.endswith(BOUNDS) and not is_cost(m)]  # fmt: skip
+               if not m.endswith(BOUNDS) and not is_cost(m) and m not in NOT_RANKED]  # fmt: skip
     metrics = [m for m in columns if sum(finite(r, m) for r in runs) >= min_runs]
     size = len(metrics)
     tau, n = np.full((size, size), np.nan), np.zeros((size, size), dtype=int)
