@@ -173,6 +173,7 @@ def test_repeats_draw_k_sample_sets_and_report_their_spread(tmp_path):
         np.std(kid["kid_digits_mean"], ddof=1)
     )
     assert "val/sample_img_per_s_std" in metrics
+    assert not any(k.endswith("_std_std") for k in metrics)  # a spread has no spread
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         Evaluator(repeats=0)
 

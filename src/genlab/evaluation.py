@@ -167,8 +167,8 @@ def spread(sets: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, li
         if f"{name}_std" in names:  # within-set spread sits where the spread over sets goes
             inner = torch.tensor(values[f"{name}_std"], dtype=torch.float64).mean().item()
             out[f"{name}_within_std"] = inner
-        if name.endswith("_std") and name.removesuffix("_std") in names:
-            continue  # written above (renamed) or below (as the spread over sets)
+        if name.endswith("_std"):
+            continue  # a within-set spread: renamed above, or averaged below
         out[name] = v.mean().item()
         out[f"{name}_std"] = v.std(unbiased=True).item()
     for name in names:  # within-set spreads whose name is free (kid_std next to kid_mean)
