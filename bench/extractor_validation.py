@@ -37,9 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch_fidelity.metric_fid import (
-    KEY_METRIC_FID,
     fid_features_to_statistics,
-    fid_statistics_to_metric,
 )
 from torchvision.transforms.v2 import functional as TF
 
@@ -194,9 +192,11 @@ def extractor(key: str, weights: str | None = None) -> Callable[[torch.Tensor], 
 
 
 def frechet(stats_ref: dict, feats: torch.Tensor) -> float:
-    """torch-fidelity's FID formula between features and reference statistics."""
-    stats = fid_features_to_statistics(feats)
-    return float(fid_statistics_to_metric(stats, stats_ref, verbose=False)[KEY_METRIC_FID])
+    """torch-fidelity's FID formula between features and reference statistics
+    (``genlab.metrics.frechet.frechet``, what the evaluator's FD-infinity uses)."""
+    from genlab.metrics.frechet import frechet as fd
+
+    return fd(feats, stats_ref)
 
 
 def curves(

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from genlab.runs import find_runs, load_run
 from genlab.sweep import SweepSummary
 
 from .conftest import REPO
+from .test_sweep import chromium
 
 # fd_digits per seed 0, 1, 2: vae and diffusion overlap (11 ± 1 and 12.5 ± 1), gan is apart
 FD = {"vae": [10.0, 11.0, 12.0], "gan": [20.0, 23.0, 21.0], "diffusion": [11.5, 12.5, 13.5]}
@@ -205,7 +205,7 @@ def test_bench_metric_agreement_writes_the_tau_table(sweep, capsys):
 
 def test_dashboard_shows_seed_groups_as_mean_and_std_in_headless_chromium(sweep, tmp_path):
     page = dashboard.build(sweep)
-    browser = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
+    browser = chromium()
     if browser is None:
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed: .ci/run installs Debian's chromium package")
