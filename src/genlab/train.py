@@ -34,7 +34,15 @@ from genlab.runs import (
     save_config,
     write_summary,
 )
-from genlab.utils import CONF_DIR, ConfigError, UserError, reported, sweep_dir, wandb_mode
+from genlab.utils import (
+    CONF_DIR,
+    ConfigError,
+    UserError,
+    group_overrides,
+    reported,
+    sweep_dir,
+    wandb_mode,
+)
 
 log = logging.getLogger("genlab")
 
@@ -438,5 +446,12 @@ def main(cfg: DictConfig) -> float | None:
     return objective(cfg, summary)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m genlab``: ``main`` after ``model.net=dit``-style overrides of a nested config
+    group are written as Hydra's ``model/net=dit`` (``genlab.utils.group_overrides``)."""
+    sys.argv[1:] = group_overrides(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -161,3 +161,19 @@ def compose(config_name: str, overrides: list[str]):
         raise UsageError(f"error: {' '.join(str(err).split())}") from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def group_overrides(args: list[str]) -> list[str]:
+    """Command-line overrides with a nested config group written as a key (``model.net=dit``,
+    ``model.net=unet,dit`` in a sweep) rewritten to Hydra's group syntax (``model/net=dit``),
+    so that the option's whole YAML replaces the node instead of the string ``dit`` replacing
+    it. Only keys that name a folder of ``conf/`` are rewritten; everything else is kept."""
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        plus = len(key) - len(key.lstrip("+~"))
+        path = key[plus:]
+        if sep and "." in path and (CONF_DIR / path.replace(".", "/")).is_dir():
+            arg = f"{key[:plus]}{path.replace('.', '/')}={value}"
+        out.append(arg)
+    return out
