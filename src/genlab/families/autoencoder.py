@@ -250,6 +250,7 @@ class AutoencoderModule(FamilyModule):
             logs["train/disc"] = loss_d.detach()
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log_dict(logs)
+        return {"loss": loss.detach(), **logs}  # on_train_batch_end's outputs
 
     def configure_optimizers(self):
         opt = fused_on_cuda(self.optimizer_fn, self.device)
