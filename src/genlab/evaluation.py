@@ -34,7 +34,11 @@ log = logging.getLogger("genlab")
 
 
 def sample_chunks(
-    model, n: int, ev: Evaluator, stats: dict, indices: range | None = None,
+    model,
+    n: int,
+    ev: Evaluator,
+    stats: dict,
+    indices: range | None = None,
     seed: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """uint8 chunks of samples ``indices`` (default all n) of the n-sample request,
