@@ -67,7 +67,7 @@ def standalone_presets() -> list[str]:
 
 # How a test fills a required model key: the preset whose finished (tiny) run it names. A
 # preset with a required key that is not here fails test_every_model_preset_trains_and_samples.
-STAGE_ONE = {"vqvae_run": "model=vqvae"}
+STAGE_ONE = {"vqvae_run": "model=vqvae", "autoencoder_run": "model=autoencoder"}
 
 
 def compose_cfg(overrides: list[str], output_dir: Path | None = None) -> DictConfig:

@@ -34,7 +34,7 @@ def draw_pairs(model: FlowModule, n: int, steps: int, seed: int, batch_size: int
     """(x, y, z): n samples of the model's ODE from unit noise z (the flow frame's x_1), with
     uniform random labels y for a conditional model (zeros otherwise)."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn((n, *model.image_shape), generator=g)
+    z = torch.randn((n, *model.space_shape), generator=g)
     y = (torch.randint(0, model.num_classes, (n,), generator=g) if model.num_classes
          else torch.zeros(n, dtype=torch.long))  # fmt: skip
     xs = []

@@ -26,6 +26,7 @@ from genlab.callbacks.checkpoint import AtomicCheckpointIO
 from genlab.callbacks.csv_log import ResumableCSVLogger
 from genlab.callbacks.evaluation import Evaluation
 from genlab.families.common import DivergenceError
+from genlab.families.contract import EncodedData
 from genlab.guidance import build_guidance
 from genlab.runs import (
     load_checkpoint,
@@ -161,6 +162,7 @@ def protocol(cfg: DictConfig, model, datamodule) -> dict:
         "sampler": described["sampler"],
         "weights": described["weights"],
         "seed": cfg.seed,
+        **{key: described[key] for key in ("latent",) if key in described},  # latent models
     }
 
 
@@ -320,6 +322,9 @@ def _train(cfg: DictConfig, run_dir: Path, fingerprint: str, state: dict) -> dic
     # rank 0, as Lightning's prepare_data would) and the checkpoint to resume from
     if _rank() == 0:
         datamodule.prepare_data()
+    if isinstance(model, EncodedData):  # a latent model: the images encoded once, cached
+        datamodule = model.encoded_data(datamodule, Path(cfg.paths.cache_dir).expanduser())
+        datamodule.batches_per_step = model.batches_per_step
     if cfg.get("ckpt_path"):
         fix = "resume from another (ckpt_path=<file>) or train afresh in a new directory"
         load_checkpoint(cfg.ckpt_path, fix, mmap=True)

@@ -295,7 +295,13 @@ class ImageDataModule(L.LightningDataModule):
         data = self.load_split("train")
         if self.binarize == "dynamic":  # 8-bit images, binarised per batch on the device
             data = self._grey["train"]
-        trainer = self.trainer
+        return self.training_loader(data, self.trainer)
+
+    def training_loader(self, data, trainer) -> DataLoader:
+        """The shuffled training DataLoader over ``data`` (any map-style dataset, e.g. the
+        cached latents of ``genlab.data.latents``): this module's batch size, workers and
+        seed, sharded over ``trainer``'s ranks, and on a resume (``trainer.global_step`` > 0)
+        skipping the batches of the current epoch that were already trained."""
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         sampler = ResumableSampler(len(data), self.seed, num_replicas=world, rank=rank)
         share = len(sampler)  # samples this rank serves per epoch

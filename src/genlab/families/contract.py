@@ -79,12 +79,28 @@ class Denoising(Protocol):
     returns ``denoise(x, sigma) -> x0_hat`` (what every sampler calls and guidance wraps), and
     ``frame`` (a ``genlab.diffusion.frame.NoiseFrame``) maps the family's own noise process
     into that frame: its sigma range, input scaling and step spacings. ``cond_drop_prob`` is
-    the label dropout of training (> 0: classifier-free guidance works)."""
+    the label dropout of training (> 0: classifier-free guidance works). The denoiser works on
+    tensors of ``space_shape``: the images' shape, or a latent model's latents, which
+    ``decode(x0)`` maps to images (B, C, H, W) in [-1, 1], differentiably (the identity in
+    pixel space); guidance that reads images (CLIP) reads ``decode(x0_hat)``."""
 
     frame: object
     cond_drop_prob: float
+    space_shape: tuple[int, int, int]
 
     def denoiser(self, y: torch.Tensor | None = None, use_ema: bool = True) -> Denoiser: ...
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class EncodedData(Protocol):
+    """Trains on an encoding of the images rather than the images (a latent model):
+    ``encoded_data(images, cache_dir)`` -> the LightningDataModule of its training batches,
+    built from the images' ``ImageDataModule`` (encoded once, cached under ``cache_dir``). The
+    evaluation still compares its decoded samples with ``images``."""
+
+    def encoded_data(self, images, cache_dir): ...
 
 
 @runtime_checkable

@@ -116,6 +116,7 @@ class DenoisingModule(GenerativeModule):
                     "probes": int(ode_probes)}  # fmt: skip
         self.net = net
         self.image_shape = tuple(int(s) for s in image_shape)
+        self.space_shape = self.image_shape  # what the denoiser works on (latents: their shape)
         self.ema = EMA(net, ema_decay) if ema_decay > 0 else None
         self.num_classes = int(num_classes)
         self.cond_drop_prob = cond_drop_prob
@@ -176,6 +177,11 @@ class DenoisingModule(GenerativeModule):
     def denoiser(self, y: torch.Tensor | None = None, use_ema: bool = True) -> Denoiser:
         raise NotImplementedError
 
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """The denoiser's space to images in [-1, 1]: the identity in pixel space (latent
+        models decode, ``genlab.families.latent``)."""
+        return x0
+
     def ode_bits_per_dim(
         self,
         x: torch.Tensor,
@@ -195,7 +201,7 @@ class DenoisingModule(GenerativeModule):
             )
 
     def ode_protocol(self) -> dict:
-        return ode_likelihood.protocol(self.frame, num_dims=math.prod(self.image_shape), **self.ode)
+        return ode_likelihood.protocol(self.frame, num_dims=math.prod(self.space_shape), **self.ode)
 
     # a family's own likelihood: the ODE's unless it has a bound of its own (DDPM's)
     bits_per_dim = ode_bits_per_dim
@@ -204,7 +210,7 @@ class DenoisingModule(GenerativeModule):
     def draw(self, m, y, generator, *, noise, index, n, progress, steps=None):
         """One chunk: unit noise from ``generator`` (the sampler scales it to the prior), then
         the sampler on the (guided) denoiser; ``steps`` overrides the sampler's step count."""
-        noise = rng.randn((m, *self.image_shape), generator, device=self.device)
+        noise = rng.randn((m, *self.space_shape), generator, device=self.device)
         opts = {"generator": generator, "progress": progress}
         if steps is not None:
             opts["steps"] = steps

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genlab.families.contract import EncodedData
 from genlab.guidance.base import GuidanceError, cycle
 from genlab.guidance.gradient import GradientGuidance
 from genlab.metrics.common import WeightsNotFoundError, sha256_file
@@ -142,6 +143,11 @@ class ClassifierGuidance(GradientGuidance):
 
     def check(self, model) -> None:
         super().check(model)
+        if isinstance(model, EncodedData):
+            raise GuidanceError(
+                f"guidance=classifier: the noise-aware classifier reads noisy images, and "
+                f"{type(model).__name__} denoises latents; use guidance=cfg or guidance=clip"
+            )
         channels = int(model.image_shape[0])
         if channels != self.net.config["channels"]:
             raise GuidanceError(

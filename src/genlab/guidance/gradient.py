@@ -46,7 +46,8 @@ class GradientGuidance(Guidance):
         return self.targets_for(n)[index]
 
     def objective(self, x, sigma, x0, targets: list) -> torch.Tensor:
-        """(B,) the objective whose gradient with respect to ``x`` steers the step."""
+        """(B,) the objective whose gradient with respect to ``x`` steers the step; ``x0`` is
+        the predicted clean image (B, C, H, W) in [-1, 1], decoded for a latent model."""
         raise NotImplementedError
 
     def wrap_denoiser(
@@ -64,12 +65,13 @@ class GradientGuidance(Guidance):
                 state["targets"] = self.batch_targets(total, part, y)
             with torch.enable_grad():
                 x = x_in.detach().requires_grad_(True)
-                if self.through_denoiser:
+                if self.through_denoiser:  # the image: a latent model's decoded latents
                     x0 = denoise(x, sigma)
+                    image = model.decode(x0)
                 else:
                     with torch.no_grad():
-                        x0 = denoise(x_in, sigma)
-                value = self.objective(x, sigma, x0, state["targets"])
+                        x0 = image = denoise(x_in, sigma)
+                value = self.objective(x, sigma, image, state["targets"])
                 (grad,) = torch.autograd.grad(value.sum(), x)
             var = (sigma**2).to(x_in.dtype).view(-1, *([1] * (x_in.ndim - 1)))
             return x0.detach() + self.scale * var * grad
