@@ -141,7 +141,7 @@ def test_disc_weight_zero_never_trains_the_discriminator():
 def test_latent_scale_is_one_over_the_std_of_the_validation_posterior_means():
     module = _module()
     x = _images(30)
-    assert float(module.latent_scale) == 1.0
+    assert float(module.latent_scale) == 1.0 and int(module.latent_scale_step) == -1
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False)  # fmt: skip
     trainer.validate(module, _loader(x, batch_size=8))  # 4 batches, the last one short
@@ -151,13 +151,15 @@ def test_latent_scale_is_one_over_the_std_of_the_validation_posterior_means():
     torch.testing.assert_close(
         trainer.callback_metrics["val/latent_std"].double(), std, rtol=1e-5, atol=0
     )
-    assert "latent_scale" in module.state_dict()
+    assert "latent_scale" in module.state_dict() and int(module.latent_scale_step) == 0
+    measured = module.measure_latent_scale(_loader(x, batch_size=16))  # the same, by hand
+    assert measured == pytest.approx(float(1 / std), rel=1e-5)
     for key in ("val/loss", "val/recon", "val/kl", "val/psnr", "val/ssim"):
         assert torch.isfinite(trainer.callback_metrics[key]), key
 
 
 def test_a_few_steps_make_the_reconstruction_loss_go_down():
-    module = _module()
+    module = _module(gradient_clip_val=10.0)
     x = _images(32)
     with torch.no_grad():
         before = module.recon_loss(x, module.decoder(module.encode(x))).mean()

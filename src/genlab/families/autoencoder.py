@@ -32,7 +32,9 @@ optimizer is stepped directly, so ``global_step`` counts autoencoder steps (one 
 set, over all their elements, recomputed at the end of every validation epoch and logged as
 ``val/latent_std``: latent models train on ``latent_scale * encode(x)`` so their latents have
 unit variance (Rombach et al. Sec. 4.3.2 and App. G, the "scale factor"). LDM instead takes
-the std of posterior *samples* of the first training batch, once.
+the std of posterior *samples* of the first training batch, once. ``latent_scale_step`` (a
+buffer) is the global step it was measured at, -1 while it never was (a run shorter than
+``trainer.val_check_interval``); ``measure_latent_scale(batches)`` measures it on any images.
 
 Validation reconstructs from the posterior mean (deterministic) and logs ``val/loss``
 (L_rec + kl_weight L_KL), ``val/recon``, ``val/kl``, ``val/psnr`` (dB) and ``val/ssim``, both
@@ -41,7 +43,7 @@ on images mapped to [0, 1]. Not ``Generative`` (no prior to sample): ``Reconstru
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +91,8 @@ class AutoencoderModule(FamilyModule):
     feature_weight: weight of L_feat (0: off). feature_extractor: digits | faces | None.
     feature_weights: the extractor's weights file (None: the bundled one).
     optimizer / disc_optimizer: partial optimizers (default Adam 1e-3, betas (0.5, 0.9)).
+    gradient_clip_val: clip each network's gradient norm to this before its step (None: off,
+    as in LDM; Lightning cannot clip under manual optimisation, so the family does).
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class AutoencoderModule(FamilyModule):
         feature_weights: str | None = None,
         optimizer: Callable | None = None,
         disc_optimizer: Callable | None = None,
+        gradient_clip_val: float | None = None,
         compile: bool | dict = False,
         channels_last: bool = False,
     ):
@@ -138,7 +143,9 @@ class AutoencoderModule(FamilyModule):
         adam = lambda params: torch.optim.Adam(params, lr=1e-3, betas=(0.5, 0.9))  # noqa: E731
         self.optimizer_fn = optimizer or adam
         self.disc_optimizer_fn = disc_optimizer or adam
+        self.gradient_clip_val = float(gradient_clip_val) if gradient_clip_val else None
         self.register_buffer("latent_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("latent_scale_step", torch.full((), -1, dtype=torch.long))
         self._stats: list[torch.Tensor] | None = None  # validation sum, sum of squares, count
 
     # ------------------------------------------------------------------ the interface
@@ -240,17 +247,23 @@ class AutoencoderModule(FamilyModule):
         self.check_finite("train/loss", loss)
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        self._clip(opt_ae)
         opt_ae.step()  # counts the global step
         if disc_on:
             loss_d = self.disc_loss(x, out)
             self.check_finite("train/disc", loss_d)
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(loss_d)
+            self._clip(opt_d)
             opt_d.optimizer.step()  # the raw optimizer: global_step counts autoencoder steps
             logs["train/disc"] = loss_d.detach()
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log_dict(logs)
         return {"loss": loss.detach(), **logs}  # on_train_batch_end's outputs
+
+    def _clip(self, opt) -> None:
+        if self.gradient_clip_val:
+            self.clip_gradients(opt, self.gradient_clip_val, gradient_clip_algorithm="norm")
 
     def configure_optimizers(self):
         opt = fused_on_cuda(self.optimizer_fn, self.device)
@@ -268,8 +281,41 @@ class AutoencoderModule(FamilyModule):
             )
 
     # ------------------------------------------------------------------ validation
+    @staticmethod
+    def _accumulate(stats: list[torch.Tensor] | None, mean: torch.Tensor) -> list[torch.Tensor]:
+        """[sum, sum of squares, count] of the elements of mean, added to stats (float64)."""
+        m = mean.detach().double()
+        new = [m.sum(), m.pow(2).sum(), torch.tensor(m.numel(), dtype=torch.float64)]
+        new = [t.to(m.device) for t in new]
+        return new if stats is None else [a + b for a, b in zip(stats, new, strict=True)]
+
+    def _set_latent_scale(self, stats: list[torch.Tensor]) -> torch.Tensor | None:
+        """latent_scale = 1 / std (n - 1 in the denominator) from [sum, squares, count];
+        returns the std (None for fewer than two elements)."""
+        total, squares, n = stats
+        if n < 2:
+            return None
+        std = ((squares - total**2 / n) / (n - 1)).clamp_min(1e-24).sqrt()
+        self.latent_scale.fill_(float(1.0 / std))
+        self.latent_scale_step.fill_(int(self.global_step))
+        return std
+
+    @torch.no_grad()
+    def measure_latent_scale(self, batches: Iterable) -> float:
+        """Sets ``latent_scale`` to 1 / std of the posterior means of the images in
+        ``batches`` (tensors (B, C, H, W) in [-1, 1], or (images, labels) pairs), in eval
+        mode; returns it."""
+        stats = None
+        with self.evaluating():
+            for batch in batches:
+                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                stats = self._accumulate(stats, self.encode(x.to(self.device)))
+        if stats is None or self._set_latent_scale(stats) is None:
+            raise ValueError("measure_latent_scale needs at least two latent elements")
+        return float(self.latent_scale)
+
     def on_validation_epoch_start(self) -> None:
-        self._stats = [torch.zeros((), dtype=torch.float64, device=self.device) for _ in range(3)]
+        self._stats = None
 
     def validation_step(self, batch, batch_idx):
         x, _ = batch
@@ -287,24 +333,19 @@ class AutoencoderModule(FamilyModule):
             },
             sync_dist=True,
         )
-        if self._stats is None:
-            self.on_validation_epoch_start()
-        m = mean.detach().double()
-        for acc, value in zip(self._stats, (m.sum(), m.pow(2).sum(), m.numel()), strict=True):
-            acc += value
+        self._stats = self._accumulate(self._stats, mean)
 
     def on_validation_epoch_end(self) -> None:
-        """latent_scale = 1 / std of the validation posterior means (all elements, n - 1)."""
-        if self._stats is None:
+        """latent_scale = 1 / std of the validation posterior means (all elements, n - 1);
+        not from Lightning's sanity check (a few batches before training)."""
+        if self._stats is None or self.trainer.sanity_checking:
+            self._stats = None
             return
-        total, squares, n = (self.trainer.strategy.reduce(s, reduce_op="sum") for s in self._stats)
+        stats = [self.trainer.strategy.reduce(t, reduce_op="sum") for t in self._stats]
         self._stats = None
-        if n < 2:
-            return
-        var = (squares - total**2 / n) / (n - 1)
-        std = var.clamp_min(1e-24).sqrt()
-        self.latent_scale.fill_(float(1.0 / std))
-        self.log("val/latent_std", std.float(), sync_dist=False)
+        std = self._set_latent_scale(stats)
+        if std is not None:
+            self.log("val/latent_std", std.float(), sync_dist=False)
 
     # ------------------------------------------------------------------ description
     @property
@@ -319,6 +360,7 @@ class AutoencoderModule(FamilyModule):
                 "latent_shape": list(self.latent_shape),
                 "downsample_factor": 2**self.encoder.downsample,
                 "latent_scale": float(self.latent_scale),
+                "latent_scale_step": int(self.latent_scale_step),
                 "recon": self.recon,
                 "kl_weight": self.kl_weight,
                 "disc_weight": self.disc_weight,
