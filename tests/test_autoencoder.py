@@ -94,7 +94,7 @@ def test_factor_8_and_the_decoder_is_differentiable():
 
 
 def test_bad_configuration_is_one_clear_error():
-    with pytest.raises(ConfigError, match="latent_channels"):
+    with pytest.raises(ValueError, match="latent_channels"):
         KLEncoder(1, latent_channels=0)
     with pytest.raises(ConfigError, match="recon"):
         _module(recon="l3")

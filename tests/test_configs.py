@@ -5,6 +5,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from genlab.families.contract import Denoising, Latent, Likelihood, Reconstructing
 from genlab.utils import CONF_DIR
@@ -120,8 +121,16 @@ def test_guidance_options_compose(option, tmp_path):
 
 @pytest.mark.parametrize("option", group_options("experiment"))
 def test_experiment_presets_compose_and_build(option, tmp_path):
+    """Every preset builds; a second stage (a latent model) leaves exactly its first stage's
+    run required, which test_latent fills with a trained one."""
     cfg = compose_cfg([f"experiment={option}"], tmp_path)
-    instantiate(cfg.model)
+    missing = [k for k in cfg.model if OmegaConf.is_missing(cfg.model, k)]
+    if missing:
+        assert missing == ["autoencoder_run"], missing
+        with pytest.raises(Exception, match="autoencoder_run"):
+            instantiate(cfg.model)
+    else:
+        instantiate(cfg.model)
     instantiate(cfg.data)
 
 
@@ -190,3 +199,30 @@ def test_compare_celeba_per_model_sizes_every_family_it_names(tmp_path):
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         assert tuple(sized.image_shape) == (3, 64, 64)
         assert count(sized) > count(plain), model
+
+
+def test_compare_latent_pairs_the_backbones_by_flops(tmp_path):
+    """per_model.<model>/<net> sizes each backbone of compare_latent; the UNet and the DiT of
+    each space are within 20% of each other in FLOPs per image, as the preset says."""
+    from genlab.nets.flops import count_flops
+    from genlab.train import apply_per_model
+
+    flops = {}
+    for model, shape in (("flow", (3, 64, 64)), ("latent_flow", (4, 16, 16))):
+        for net in ("unet", "dit"):
+            cfg = compose_cfg(
+                ["experiment=compare_latent", f"model={model}", f"model/net={net}",
+                 "autoencoder_run=/some/run"], tmp_path,
+            )  # fmt: skip
+            merged = apply_per_model(cfg).model
+            assert merged.sampler.steps == 20
+            if model == "latent_flow":
+                assert merged.autoencoder_run == "/some/run"
+            built = instantiate(merged.net)
+            if not isinstance(built, torch.nn.Module):  # the latent models' partial
+                built = built(in_channels=shape[0], image_size=shape[1])
+            flops[model, net] = count_flops(built, torch.randn(1, *shape), torch.ones(1))
+    for model in ("flow", "latent_flow"):
+        ratio = flops[model, "dit"] / flops[model, "unet"]
+        assert 0.8 < ratio < 1.2, (model, ratio)
+    assert flops["flow", "unet"] > 10 * flops["latent_flow", "unet"]

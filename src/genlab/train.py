@@ -287,15 +287,19 @@ def finish_wandb(failed: bool) -> None:
 
 
 def apply_per_model(cfg: DictConfig) -> DictConfig:
-    """Merge ``per_model.<model choice>`` into ``model``: an experiment that runs several
-    families (``experiment=compare_celeba model=gan,diffusion``) sizes each one there. The
-    merged config is what .hydra/resolved_model.yaml records."""
-    per_model, choice = cfg.get("per_model"), _choices().get("model")
-    if not per_model or choice not in per_model:
+    """Merge ``per_model.<model choice>`` into ``model``, then ``per_model.<model>/<net>`` for
+    the chosen ``model/net`` option: an experiment that runs several families (``experiment=
+    compare_celeba model=gan,diffusion``) or backbones (``compare_latent model/net=unet,dit``)
+    sizes each one there. The merged config is what .hydra/resolved_model.yaml records."""
+    per_model, choices = cfg.get("per_model"), _choices()
+    model = choices.get("model")
+    keys = [model, f"{model}/{choices.get('model/net')}"]
+    found = [per_model[k] for k in keys if per_model and k in per_model]
+    if not found:
         return cfg
     cfg = cfg.copy()
     with open_dict(cfg):
-        cfg.model = OmegaConf.merge(cfg.model, per_model[choice])
+        cfg.model = OmegaConf.merge(cfg.model, *found)
     return cfg
 
 

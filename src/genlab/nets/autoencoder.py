@@ -31,8 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genlab.utils import ConfigError
-
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM's DiagonalGaussianDistribution clamp
 
 
@@ -51,11 +49,11 @@ def level_sizes(size: int, downsample: int) -> list[int]:
 
 def _check(channel_mult: Sequence[int], num_res_blocks: int, latent_channels: int) -> None:
     if int(latent_channels) < 1:
-        raise ConfigError(f"latent_channels must be at least 1, got {latent_channels}")
+        raise ValueError(f"latent_channels must be at least 1, got {latent_channels}")
     if not channel_mult or any(int(m) < 1 for m in channel_mult):
-        raise ConfigError(f"channel_mult must be positive integers, got {list(channel_mult)}")
+        raise ValueError(f"channel_mult must be positive integers, got {list(channel_mult)}")
     if int(num_res_blocks) < 1:
-        raise ConfigError(f"num_res_blocks must be at least 1, got {num_res_blocks}")
+        raise ValueError(f"num_res_blocks must be at least 1, got {num_res_blocks}")
 
 
 class ResnetBlock(nn.Module):
@@ -218,7 +216,7 @@ class PatchDiscriminator(nn.Module):
     def __init__(self, channels: int, hidden: int = 64, n_layers: int = 3):
         super().__init__()
         if int(n_layers) < 1:
-            raise ConfigError(f"the discriminator's n_layers must be at least 1, got {n_layers}")
+            raise ValueError(f"the discriminator's n_layers must be at least 1, got {n_layers}")
         layers: list[nn.Module] = [
             nn.Conv2d(channels, hidden, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)
         ]  # fmt: skip
@@ -244,7 +242,7 @@ class PatchDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         min_side = 3 * 2**self.n_layers  # n halvings, then two 4x4 stride-1 maps (-1 each)
         if min(x.shape[-2:]) < min_side:
-            raise ConfigError(
+            raise ValueError(
                 f"a {self.n_layers}-layer patch discriminator needs images of at least "
                 f"{min_side} px, got {tuple(x.shape[-2:])}: lower its n_layers"
             )
