@@ -210,3 +210,14 @@ def test_an_autoencoder_of_other_images_or_another_family_is_refused(autoencoder
     train(cfg)
     with pytest.raises(InstantiationException, match="not a model=autoencoder run"):
         build(tmp_path, flow)
+
+
+def test_an_unmeasured_latent_scale_is_measured_on_the_training_latents(autoencoder_run, tmp_path):
+    model, images, _ = build(tmp_path, autoencoder_run)
+    model.autoencoder.latent_scale.fill_(1.0)
+    model.autoencoder.latent_scale_step.fill_(-1)  # as after a run that never validated
+    data = model.encoded_data(images, tmp_path / "latents")
+    expected = 1.0 / data.splits["train"].mean[:, 0].double().std()
+    assert model.latent_scale == pytest.approx(float(expected), rel=1e-6)
+    assert data.scale == pytest.approx(model.latent_scale)
+    assert "training posterior means" in model.describe()["latent"]["latent_scale_from"]

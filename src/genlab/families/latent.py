@@ -100,6 +100,7 @@ class LatentSpace:
         self.latent_sample = bool(latent_sample)
         self.encode_batch_size = int(encode_batch_size)
         self.encoder_calls = 0  # batches encoded (the cache makes this 0 after the first run)
+        self.scale_source = "the autoencoder's validation posterior means"
 
     @property
     def latent_scale(self) -> float:
@@ -177,6 +178,12 @@ class LatentSpace:
         """The datamodule that trains this model: ``images``' splits encoded (once, cached)."""
         images.setup("fit")
         splits = {s: self.cached_encoding(images, s, cache_dir) for s in ("train", "val")}
+        if int(self.autoencoder.latent_scale_step) < 0:  # the autoencoder never validated
+            scale = float(1.0 / splits["train"].mean[:, 0].double().std())
+            self.autoencoder.latent_scale.fill_(scale)  # saved with this model's checkpoints
+            self.scale_source = "the training posterior means (the autoencoder had none)"
+            log.warning("%s has no measured latent_scale: 1/std of the training posterior "
+                        "means, %.4g, is used", self.autoencoder_run, scale)  # fmt: skip
         return LatentDataModule(images, splits, self.latent_scale, sample=self.latent_sample)
 
     # ------------------------------------------------------------------ the family contract
@@ -190,6 +197,7 @@ class LatentSpace:
             "autoencoder_sha256": self.autoencoder_sha256[:16],
             "latent_shape": list(self.space_shape),
             "latent_scale": self.latent_scale,
+            "latent_scale_from": self.scale_source,
             "training_latents": "posterior samples" if self.latent_sample else "posterior means",
         }
         return out
