@@ -25,8 +25,10 @@ from genlab.callbacks import preemption
 from genlab.callbacks.checkpoint import AtomicCheckpointIO
 from genlab.callbacks.csv_log import ResumableCSVLogger
 from genlab.callbacks.evaluation import Evaluation
+from genlab.data import FolderDataModule
 from genlab.families.common import DivergenceError
 from genlab.families.contract import EncodedData
+from genlab.families.text import TextConditioning
 from genlab.guidance import build_guidance
 from genlab.runs import (
     load_checkpoint,
@@ -321,6 +323,9 @@ def _train(cfg: DictConfig, run_dir: Path, fingerprint: str, state: dict) -> dic
             "'model.num_classes=${data.num_classes}'"
             + (" or train an unconditional model (model.num_classes=0)" if not labelled else "")
         )
+    if isinstance(model, TextConditioning):  # a captioned folder's captions, indexed by labels
+        folder = isinstance(datamodule, FolderDataModule)
+        model.set_captions(datamodule.captions if folder else None)
     model.set_guidance(build_guidance(cfg.get("guidance")))  # grids and evaluation sample guided
     # before a logger or the trainer starts: the data (read or downloaded into the cache on
     # rank 0, as Lightning's prepare_data would) and the checkpoint to resume from

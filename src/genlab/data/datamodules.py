@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from genlab.data import readers
+from genlab.data.captions import read_captions
 from genlab.data.convert import to_model
 from genlab.data.readers import not_found
 from genlab.runs import atomic_file, atomic_write_text
@@ -379,16 +380,47 @@ class FolderDataModule(ImageDataModule):
     subfolder names (sorted) are the classes; otherwise the data is unlabelled.
 
     Args (beyond the base): crop: centre square crop as a fraction of the shorter side,
-    applied before resizing; val_fraction: share of files held out for validation.
+    applied before resizing; val_fraction: share of files held out for validation;
+    captions: serve captioned images for text-to-image models (``genlab.data.captions``:
+    ``captions.jsonl`` or ``<image>.txt``): the label of an image is then its index in the
+    sorted file list, and ``captions`` holds the caption of every file (needs
+    ``num_classes=0``).
     """
 
     name = "folder"
     geometry = {"image_size": 32, "channels": 3, "num_classes": 0}
 
-    def __init__(self, crop: float = 1.0, val_fraction: float = 0.05, **kwargs):
+    def __init__(
+        self, crop: float = 1.0, val_fraction: float = 0.05, captions: bool = False, **kwargs
+    ):
         super().__init__(**kwargs)
         self.crop = crop
         self.val_fraction = val_fraction
+        self.serves_captions = bool(captions)
+        if self.serves_captions and self.num_classes:
+            raise ConfigError(
+                "data.captions=true labels each image by its caption's index, not a class: "
+                "set data.num_classes=0"
+            )
+        self._captions: list[str] | None = None
+
+    @property
+    def captions(self) -> list[str] | None:
+        """The caption of every image file (sorted order; the labels served index it), read
+        once; None unless ``captions=true``. A missing caption is one ConfigError line."""
+        if not self.serves_captions:
+            return None
+        if self._captions is None:
+            self._captions = read_captions(self.image_dir(), self._files())
+        return self._captions
+
+    def served_labels(self, files: list[Path]) -> torch.Tensor:
+        """(N,) labels of ``files``: classes (``labels_for``), or with captions the files'
+        indices in the sorted file list."""
+        if not self.serves_captions:
+            return self.labels_for(files)
+        index = {f: i for i, f in enumerate(self._files())}
+        return torch.tensor([index[f] for f in files], dtype=torch.long)
 
     def image_dir(self) -> Path:
         if not self.root.is_dir():
@@ -419,6 +451,7 @@ class FolderDataModule(ImageDataModule):
             "val_fraction": self.val_fraction,
             "files": readers.files_signature(self._files()),
             "decoder": readers.DECODER,  # a cache decoded by an older decoder is not reused
+            **({"labels": "caption index"} if self.serves_captions else {}),
         }
 
     def labels_for(self, files: list[Path]) -> torch.Tensor:
@@ -447,7 +480,7 @@ class FolderDataModule(ImageDataModule):
             files, self.image_size, self.crop, self.channels, desc=f"{self.name}/{split}"
         )
         self.unreadable[split] = len(files) - len(kept)
-        return images, self.labels_for([files[i] for i in kept])
+        return images, self.served_labels([files[i] for i in kept])
 
     def write_split(self, split, out):
         """Streams: each image is written as it is decoded, never the split in memory."""
@@ -464,7 +497,7 @@ class FolderDataModule(ImageDataModule):
             out.write(image.contiguous().numpy().data)
             kept.append(i)
         self.unreadable[split] = len(files) - len(kept)
-        return self.labels_for([files[i] for i in kept]).long()
+        return self.served_labels([files[i] for i in kept]).long()
 
 
 class CelebADataModule(FolderDataModule):

@@ -6,6 +6,13 @@ Plain ``nn.Module``: no Lightning, no diffusion math. Input (B, C, H, W) any H, 
 are handled by resizing skips), timesteps (B,) and optional class labels (B,) in
 [0, num_classes); label ``num_classes`` (or ``y=None``) is the learned "no class" token used
 for condition dropout and classifier-free guidance.
+
+Text conditioning (``context_dim``): every self-attention block (at ``attn_resolutions`` and in
+the middle) is followed by a cross-attention sub-layer, queries from the feature map and keys /
+values from a context (B, L, context_dim) such as per-token CLIP text features, masked by
+``context_mask`` (B, L) (True = attend), with a zero-initialised output projection so the net
+is unchanged at initialisation (Rombach et al. 2022, Sec. 3.3). Without ``context_dim`` the
+net has exactly the parameters and state-dict keys it had before cross-attention existed.
 """
 
 from __future__ import annotations
@@ -57,22 +64,69 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class AttnBlock(nn.Module):
-    """Multi-head self-attention over the H*W positions, residual."""
+class CrossAttention(nn.Module):
+    """Residual cross-attention of a feature map (B, C, H, W) to a context (B, L, D): queries
+    from the GroupNorm'd H*W positions, keys and values from the context, context_mask (B, L)
+    True = attend; a sample with no token kept gets nothing added. The output projection is
+    zero-initialised: the identity at initialisation (Rombach et al. 2022, Sec. 3.3)."""
 
-    def __init__(self, channels: int, num_heads: int, groups: int):
+    def __init__(self, channels: int, context_dim: int, num_heads: int, groups: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = _norm(channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        b, c, h, w = x.shape
+        heads, d = self.num_heads, c // self.num_heads
+        q = self.q(self.norm(x)).reshape(b, heads, d, h * w).transpose(-1, -2)  # (b, n, hw, d)
+        k, v = (
+            z.reshape(b, -1, heads, d).transpose(1, 2) for z in self.kv(context).chunk(2, -1)
+        )  # (b, n, L, d)
+        attn_mask, some = None, None
+        if context_mask is not None:
+            keep = context_mask.bool()
+            some = keep.any(dim=1)  # (b,) samples with a token to attend to
+            attn_mask = (keep | ~some[:, None])[:, None, None, :]  # no all-False row (NaN)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (b, n, hw, d)
+        out = self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        if some is not None:
+            out = out * some[:, None, None, None].to(out.dtype)
+        return x + out
+
+
+class AttnBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions, residual; with ``context_dim`` also
+    cross-attention to a context (``CrossAttention``), in the attribute ``cross``."""
+
+    def __init__(self, channels: int, num_heads: int, groups: int, context_dim: int | None = None):
         super().__init__()
         self.num_heads = num_heads if channels % num_heads == 0 else 1
         self.norm = _norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = _zero(nn.Conv2d(channels, channels, 1))
+        self.cross = None
+        if context_dim is not None:  # absent otherwise: the state dict keeps its old keys
+            self.cross = CrossAttention(channels, context_dim, self.num_heads, groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
         q, k, v = (z.transpose(-1, -2) for z in qkv.unbind(1))
         out = F.scaled_dot_product_attention(q, k, v)  # (b, heads, hw, c/heads)
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        x = x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        if self.cross is not None and context is not None:
+            x = self.cross(x, context, context_mask)
+        return x
 
 
 class UNet(nn.Module):
@@ -88,6 +142,8 @@ class UNet(nn.Module):
         dropout: in every residual block.
         num_classes: > 0 adds a class embedding (with an extra "no class" token).
         out_channels: defaults to in_channels (eps/x0/v prediction).
+        context_dim: width of a context (text tokens) for cross-attention in every attention
+            block; None: no cross-attention (and no context may be given).
     """
 
     def __init__(
@@ -103,9 +159,11 @@ class UNet(nn.Module):
         num_heads: int = 4,
         groups: int = 32,
         out_channels: int | None = None,
+        context_dim: int | None = None,
     ):
         super().__init__()
         self.num_classes = num_classes
+        self.context_dim = None if context_dim is None else int(context_dim)
         self.base_channels = base_channels
         temb_dim = 4 * base_channels
         self.time_mlp = nn.Sequential(
@@ -125,7 +183,7 @@ class UNet(nn.Module):
                 )
                 ch = base_channels * mult
                 if res in attn:
-                    block.append(AttnBlock(ch, num_heads, groups))
+                    block.append(AttnBlock(ch, num_heads, groups, self.context_dim))
                 self.down.append(block)
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
@@ -134,7 +192,7 @@ class UNet(nn.Module):
                 res = (res + 1) // 2
 
         self.mid1 = ResBlock(ch, ch, temb_dim, dropout, groups)
-        self.mid_attn = AttnBlock(ch, num_heads, groups)
+        self.mid_attn = AttnBlock(ch, num_heads, groups, self.context_dim)
         self.mid2 = ResBlock(ch, ch, temb_dim, dropout, groups)
 
         self.up = nn.ModuleList()
@@ -146,7 +204,7 @@ class UNet(nn.Module):
                 )
                 ch = base_channels * mult
                 if res in attn:
-                    block.append(AttnBlock(ch, num_heads, groups))
+                    block.append(AttnBlock(ch, num_heads, groups, self.context_dim))
                 self.up.append(block)
             if level != 0:
                 self.up.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, padding=1)]))  # after 2x
@@ -154,10 +212,31 @@ class UNet(nn.Module):
         self.norm_out = _norm(ch, groups)
         self.conv_out = _zero(nn.Conv2d(ch, out_channels or in_channels, 3, padding=1))
 
+    def _check_context(self, context, context_mask) -> None:
+        if context is None and context_mask is not None:
+            raise ValueError("UNet: context_mask given without a context")
+        if context is not None and self.context_dim is None:
+            raise ValueError(
+                "UNet: this net has no cross-attention (context_dim=None) and takes no "
+                "context; build it with context_dim=<the context's width> to condition on text"
+            )
+        if context is not None and (context.ndim != 3 or context.shape[-1] != self.context_dim):
+            raise ValueError(
+                f"UNet: context must be (B, L, {self.context_dim}), got {tuple(context.shape)}"
+            )
+
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, C, H, W), t (B,) integer or float timesteps, y (B,) labels or None."""
+        """x (B, C, H, W), t (B,) integer or float timesteps, y (B,) labels or None, context
+        (B, L, context_dim) or None, context_mask (B, L) bool or None -> (B, C', H, W)."""
+        self._check_context(context, context_mask)
+        ctx = (context, context_mask)
         temb = self.time_mlp(timestep_embedding(t, self.base_channels))
         if self.class_emb is not None:
             if y is None:
@@ -169,16 +248,16 @@ class UNet(nn.Module):
             if isinstance(block[0], ResBlock):
                 h = block[0](h, temb)
                 if len(block) > 1:
-                    h = block[1](h)
+                    h = block[1](h, *ctx)
             else:  # downsample
                 h = block[0](h)
             skips.append(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, temb)), temb)
+        h = self.mid2(self.mid_attn(self.mid1(h, temb), *ctx), temb)
         for block in self.up:
             if isinstance(block[0], ResBlock):
                 h = block[0](torch.cat([h, skips.pop()], dim=1), temb)
                 if len(block) > 1:
-                    h = block[1](h)
+                    h = block[1](h, *ctx)
             else:  # upsample to the size of the skip that comes next
                 h = block[0](F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
         return self.conv_out(F.silu(self.norm_out(h)))
