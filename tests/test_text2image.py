@@ -17,6 +17,7 @@ from genlab.metrics.train_clip import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES
 from genlab.nets.dit import DiT
 from genlab.nets.text import TextContext, TextEncoder
 from genlab.nets.unet import UNet
+from genlab.train import train
 from genlab.utils import ConfigError
 
 from .conftest import compose_cfg
@@ -222,3 +223,27 @@ def test_a_net_without_the_encoders_width_is_a_clear_error(encoder):
         TextFlowModule(
             UNet(1, 16, 16, (1, 2), 1, (), context_dim=32), encoder, image_shape=(1, 16, 16)
         )
+
+
+def test_a_text_flow_run_samples_prompts_with_cfg_through_the_sample_cli(tiny_cfg):
+    """A tiny run (train.py hands the captions over; the evaluation's labels become held-out
+    captions), then `python -m genlab.sample ... prompts=[...]` with guidance on the text."""
+    from genlab.sample import main as sample_main
+
+    cfg = tiny_cfg("model=text_flow", "guidance=cfg", "guidance.scale=2")
+    summary = train(cfg)
+    assert summary["status"] == "completed"
+    assert summary["metrics"]["val/sample_nfe"] == 2 * cfg.model.sampler.steps  # CFG: 2 calls
+    out = sample_main([f"run_dir={cfg.paths.output_dir}", "n=4", "steps=2",
+                       "prompts=[a handwritten one,the digit 2]"])  # fmt: skip
+    saved = torch.load(out["pt"], weights_only=False)
+    assert saved["prompts"] == ["a handwritten one", "the digit 2"]
+    assert saved["guidance"] == {"name": "cfg", "scale": 2.0}
+    assert out["images"].shape == (4, 1, 16, 16)
+    assert json.loads(out["png"].with_suffix(".json").read_text())["columns"] == saved["prompts"]
+
+
+def test_unlabelled_data_without_captions_is_a_clear_error(model):
+    model.num_classes = 0  # e.g. CelebA: no labels to caption, no captions files
+    with pytest.raises(ConfigError, match="needs captions.*data.captions=true"):
+        model.set_captions(None)

@@ -1,15 +1,18 @@
 """Sample from a finished (or running) run (a Hydra app; ``conf/sample.yaml``):
 
     python -m genlab.sample run_dir=<run> [n=64] [ckpt=last] [seed=0] [ema=true] [steps=50]
-        [label=3] [mean=true] [device=auto] [out=<path without extension>]
+        [label=3] ['prompts=[a handwritten seven,the digit 2]'] [mean=true] [device=auto]
+        [out=<path without extension>]
         [guidance=<conf/guidance option> guidance.<key>=<value> ...] [+model.<key>=<value> ...]
 
 Rebuilds the model from ``<run>/.hydra/config.yaml``, loads ``<run>/checkpoints/<ckpt>.ckpt``
 (``weights_only=True``), and writes ``<out>.png`` (a grid) and ``<out>.pt`` (uint8 images
 (n, C, H, W), labels, and the settings used).
 Default ``out``: ``<run>/samples/sample_<ckpt>_s<seed>``. ``mean`` (VAEs): the decoder's mean
-image (true) or pixels drawn from p(x | z) (false). ``guidance`` (default: the run's own)
-selects a ``conf/guidance`` option, e.g. ``guidance=cfg guidance.scale=3``.
+image (true) or pixels drawn from p(x | z) (false). ``prompts`` (text-to-image runs,
+``model=text_flow``): the images' captions, cycled over the n images, one per grid column.
+``guidance`` (default: the run's own) selects a ``conf/guidance`` option, e.g.
+``guidance=cfg guidance.scale=3``.
 ``+model.<key>=<value>`` changes the run's model config before it is built, for settings that
 do not touch the weights: ``+model.sampler.eta=1``, ``+model.sampler.steps=100``.
 """
@@ -25,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from genlab.callbacks.samples import grid_layout, save_columns
 from genlab.data.convert import save_grid, to_uint8
 from genlab.families.contract import Generative
+from genlab.families.text import TextConditioning
 from genlab.families.vae import VAEModule
 from genlab.guidance import GuidanceError, build_guidance
 from genlab.nets.rng import SampleSeeds
@@ -63,6 +67,15 @@ def run(cfg: DictConfig) -> dict:
         y = torch.full((n,), int(cfg.label), dtype=torch.long)
         nrow = nrow if columns else None
     opts = {"use_ema": bool(cfg.ema)}
+    if cfg.get("prompts") is not None:  # text-to-image: one prompt per column, cycled
+        if not isinstance(model, TextConditioning):
+            raise UsageError(
+                f"prompts= is for text-to-image runs (model=text_flow); {type(model).__name__} "
+                "is not one: steer it with guidance=clip 'guidance.prompts=[...]'"
+            )
+        opts["prompts"] = [str(p) for p in cfg.prompts]
+        y, columns = None, opts["prompts"] if len(opts["prompts"]) <= 16 else None
+        nrow = len(columns) if columns else None
     if cfg.steps is not None:
         opts["steps"] = int(cfg.steps)
     if cfg.mean is not None:  # VAEs: decoder mean (true) or pixels drawn (false)
@@ -86,6 +99,7 @@ def run(cfg: DictConfig) -> dict:
         "steps": opts.get("steps"),
         "mean": opts.get("mean"),
         "guidance": None if model.guidance is None else model.guidance.protocol(),
+        "prompts": opts.get("prompts"),
         "model_overrides": [f"{k}={v}" for k, v in _dotted(model_overrides)],
         "columns": columns,
     }

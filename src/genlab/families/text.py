@@ -100,6 +100,11 @@ class TextConditioning:
     def set_captions(self, captions: Sequence[str] | None) -> None:
         """Train on a dataset's captions: batch labels index ``captions`` (a captioned folder,
         ``genlab.data.FolderDataModule(captions=True)``); None: captions from the labels."""
+        if captions is None and self.num_classes == 0:
+            raise ConfigError(
+                "a text model needs captions: labelled data (digit captions from the labels, "
+                "e.g. data=mnist) or a captioned folder (data=folder data.captions=true)"
+            )
         self.captions = None if captions is None else [str(c) for c in captions]
 
     # ------------------------------------------------------------------ captions
