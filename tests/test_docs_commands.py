@@ -141,7 +141,8 @@ def places(tmp_path_factory) -> dict[str, str]:
     np.savez(root / "images.npz", images.numpy())
     (root / "data").mkdir()
     # (a flow run's commands are composed, not run: the diffusion run stands in)
-    runs = {"run", "any run", "diffusion run", "diffusion_cond run", "gan or vae run", "flow run"}
+    runs = {"run", "any run", "diffusion run", "diffusion_cond run", "gan or vae run", "flow run",
+            "autoencoder run"}  # fmt: skip
     return {
         **{name: str(run) for name in runs | {"vqvae run"}},
         "sweep": str(run.parent),  # a folder of runs, as a sweep is
