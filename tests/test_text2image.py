@@ -12,10 +12,11 @@ from PIL import Image
 
 from genlab.data import FolderDataModule
 from genlab.families.text import EMPTY, TextFlowModule, digit_caption
+from genlab.families.text_encoder import TextEncoder
 from genlab.guidance.cfg import ClassifierFree
 from genlab.metrics.train_clip import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES
 from genlab.nets.dit import DiT
-from genlab.nets.text import TextContext, TextEncoder
+from genlab.nets.text import TextContext
 from genlab.nets.unet import UNet
 from genlab.train import train
 from genlab.utils import ConfigError
@@ -247,3 +248,18 @@ def test_unlabelled_data_without_captions_is_a_clear_error(model):
     model.num_classes = 0  # e.g. CelebA: no labels to caption, no captions files
     with pytest.raises(ConfigError, match="needs captions.*data.captions=true"):
         model.set_captions(None)
+
+
+def test_cfg_guides_a_text_model_without_classes_and_refuses_an_unconditional_one(tmp_path):
+    """A captioned folder's text model has no classes (num_classes 0) and still takes
+    classifier-free guidance on its captions; an unconditional flow model does not."""
+    from genlab.guidance.base import GuidanceError
+
+    cfg = compose_cfg(["model=text_flow", "data=celeba", "model.sampler.steps=2"], tmp_path)
+    text_model = instantiate(cfg.model)
+    assert text_model.num_classes == 0
+    text_model.set_guidance(ClassifierFree(3.0))
+    assert text_model.guidance is not None
+    plain = instantiate(compose_cfg(["model=flow", "data=celeba"], tmp_path).model)
+    with pytest.raises(GuidanceError, match="class- or text-conditional"):
+        plain.set_guidance(ClassifierFree(3.0))

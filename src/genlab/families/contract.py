@@ -94,6 +94,15 @@ class Denoising(Protocol):
 
 
 @runtime_checkable
+class TextConditional(Protocol):
+    """Conditioned on captions (text-to-image, ``genlab.families.text``): its denoiser takes
+    captions, or labels that ``captions_for(y, training)`` turns into captions, and None is
+    the empty caption, the unconditional branch of classifier-free guidance."""
+
+    def captions_for(self, y: torch.Tensor, training: bool, offset: int = 0) -> list[str]: ...
+
+
+@runtime_checkable
 class EncodedData(Protocol):
     """Trains on an encoding of the images rather than the images (a latent model):
     ``encoded_data(images, cache_dir)`` -> the LightningDataModule of its training batches,

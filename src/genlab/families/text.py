@@ -1,8 +1,8 @@
 """Text-to-image denoising models, as Stable Diffusion conditions on text (Rombach et al. 2022,
 Sec. 3.3): the denoising net cross-attends to the per-token features of a frozen CLIP text
-transformer (``genlab.nets.text.TextEncoder``), trained on image-caption pairs with caption
-dropout, so that classifier-free guidance on the text works (Ho & Salimans 2021; for text:
-Nichol et al. 2022, GLIDE, Sec. 3.2; Saharia et al. 2022, Imagen, Sec. 2.3).
+transformer (``genlab.families.text_encoder.TextEncoder``), trained on image-caption pairs
+with caption dropout, so that classifier-free guidance on the text works (Ho & Salimans
+2021; for text: Nichol et al. 2022, GLIDE, Sec. 3.2; Saharia et al. 2022, Imagen, Sec. 2.3).
 
 Design. ``TextConditioning`` is mixed into a denoising family ahead of it (DDPM, EDM, flow
 matching: ``TextDiffusionModule``, ``TextEDMModule``, ``TextFlowModule``) and changes only
@@ -42,8 +42,9 @@ from genlab.families.contract import Denoiser
 from genlab.families.diffusion import DiffusionModule
 from genlab.families.edm import EDMModule
 from genlab.families.flow import FlowModule
+from genlab.families.text_encoder import TextEncoder
 from genlab.metrics.train_clip import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, WORDS
-from genlab.nets.text import TextConditionedNet, TextContext, TextEncoder
+from genlab.nets.text import TextConditionedNet, TextContext
 from genlab.utils import ConfigError
 
 EMPTY = ""  # the unconditional caption (caption dropout, the CFG branch)
@@ -73,7 +74,7 @@ class TextConditioning:
     Args (beyond the family's):
         net: the denoising net built with ``context_dim`` = the encoder's width, or a partial
             that is called with ``context_dim`` (``_partial_: true`` in the preset).
-        text: the frozen ``genlab.nets.text.TextEncoder`` (``_target_`` in the config).
+        text: the frozen ``genlab.families.text_encoder.TextEncoder`` (``_target_`` in the config).
         cond_drop_prob: the caption dropout: the probability that a training caption is "".
     """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from genlab.families.contract import Denoiser, Denoising
+from genlab.families.contract import Denoiser, Denoising, TextConditional
 from genlab.guidance.base import Guidance, GuidanceError
 
 
@@ -29,10 +29,12 @@ class ClassifierFree(Guidance):
                 f"guidance=cfg needs a diffusion model; {type(model).__name__} has no denoiser "
                 "(use guidance=none)"
             )
-        if not model.num_classes or not model.cond_drop_prob:
+        conditional = model.num_classes > 0 or isinstance(model, TextConditional)
+        if not conditional or not model.cond_drop_prob:
             raise GuidanceError(
-                "guidance=cfg needs a class-conditional diffusion model trained with condition "
-                "dropout (model=diffusion_cond, model.cond_drop_prob > 0)"
+                "guidance=cfg needs a class- or text-conditional diffusion model trained with "
+                "condition dropout (model=diffusion_cond or model=text_flow, "
+                "model.cond_drop_prob > 0)"
             )
 
     def wrap_denoiser(self, model, denoise: Denoiser, y, *, index=None, n=None) -> Denoiser:
