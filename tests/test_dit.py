@@ -232,3 +232,13 @@ def test_net_as_a_key_is_the_group_and_its_keys_still_override(tmp_path):
     for option, hidden in (("dit_s", 384), ("dit_b", 768)):
         cfg = compose_cfg(["model=diffusion", f"model/net={option}", "data.image_size=32"])
         assert cfg.model.net.hidden == hidden and cfg.model.net.depth == 12
+
+
+@pytest.mark.parametrize("net", ["unet", "dit"])
+def test_the_protocol_records_the_networks_flops_per_image(net, tmp_path):
+    cfg = compose_cfg(["model=flow", f"model/net={net}", "data=mnist"], tmp_path)
+    module = instantiate(cfg.model)
+    recorded = module.describe()["network"]
+    measured = count_flops(module.net, torch.zeros(1, 1, 28, 28), torch.ones(1))
+    assert recorded["class"] == {"unet": "UNet", "dit": "DiT"}[net]
+    assert recorded["mflops_per_image"] == round(measured / 1e6, 1) > 0

@@ -164,7 +164,7 @@ def protocol(cfg: DictConfig, model, datamodule) -> dict:
         "sampler": described["sampler"],
         "weights": described["weights"],
         "seed": cfg.seed,
-        **{key: described[key] for key in ("latent",) if key in described},  # latent models
+        **{key: described[key] for key in ("network", "latent") if key in described},
     }
 
 

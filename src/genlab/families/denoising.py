@@ -25,6 +25,7 @@ from genlab.families.base import GenerativeModule
 from genlab.families.contract import Denoiser
 from genlab.nets import rng
 from genlab.nets.ema import EMA
+from genlab.nets.text import TextConditionedNet
 
 
 def sampler_protocol(sampler: Callable) -> dict:
@@ -166,6 +167,24 @@ class DenoisingModule(GenerativeModule):
 
     def nfe_module(self) -> nn.Module:
         return self.net
+
+    def describe(self, use_ema: bool = True) -> dict:
+        return {**super().describe(use_ema), "network": self.network_protocol()}
+
+    def network_protocol(self) -> dict:
+        """The denoising network: its class and forward FLOPs per image on the denoiser's
+        space (``genlab.nets.flops.count_flops``, unconditional), measured once (before a
+        ``compile``: ``genlab.train`` records the protocol before fitting)."""
+        if getattr(self, "_network", None) is None:
+            from genlab.nets.flops import count_flops
+
+            net = self.net.net if isinstance(self.net, TextConditionedNet) else self.net
+            x = torch.zeros(1, *self.space_shape, device=self.device)
+            with torch.no_grad():
+                flops = count_flops(self.net, x, torch.ones(1, device=self.device))
+            self._network = {"class": type(net).__name__,
+                             "mflops_per_image": round(flops / 1e6, 1)}  # fmt: skip
+        return self._network
 
     def sampling_protocol(self) -> dict:
         out = {**sampler_protocol(self.sampler), **self.frame.describe()}
