@@ -29,6 +29,8 @@ from genlab.nets.pixelcnn import (
     concat_elu,
     gate,
 )
+from genlab.nets.pixelrnn import PixelRNN
+from genlab.nets.pixelrnn_cached import CachedPixelRNN
 
 
 class _Conv:
@@ -386,6 +388,7 @@ SAMPLERS = {
     PixelCNN: CachedPixelCNN,
     GatedPixelCNN: CachedGatedPixelCNN,
     PixelCNNPlusPlus: CachedPixelCNNPlusPlus,
+    PixelRNN: CachedPixelRNN,  # Row LSTM and Diagonal BiLSTM (pixelrnn_cached.py)
 }
 
 
