@@ -46,13 +46,18 @@ again for each RGB sub-step), the same work as *one* forward pass. Per pixel and
 2 * (2h * 4h + 2h * 4h) + 2h * h multiply-adds.
 
 **Cost** (multiply-adds per sampled value; preset h = 16, 2 layers, out_hidden 64, 28x28x1,
-head 2h * 64 + 64 * 256 = 18432): a network pass costs H * W times its per-pixel cost,
-Row LSTM 1568 + 2 * 9728 + 18432 = 39456 and Diagonal 1568 + 2 * 8704 + 18432 = 37408 per
-pixel; the cached step costs 896 + 2 * 7680 + 18432 = 34688 (Row; it skips masked taps) and
-37408 - 672 = 36736 (Diagonal). So about H * W = 784 times fewer operations (Row 892x,
-Diagonal 800x). On a CPU at batch 1 the plain pass is bound by its sequence of small
-operations (2 layers x H row steps; 2 layers x 2 directions x (W + H - 1) skewed columns),
-the cached step by its ~30; ``bench/pixelrnn_sampling.py`` measures the real speed-up.
+head 2h * 64 + 64 * 256 = 18432 per pixel). The plain sampler makes a pass per value: H * W
+pixels at, for the Row LSTM, 1568 (7x7 conv) + 2 * 9728 (layers) + 18432 = 39456 each; for
+the Diagonal BiLSTM each direction also runs its state-to-state part on the skewed padding,
+H * (W + H - 1) = 1540 positions for 784 pixels, so 1568 + 2 * 12654 + 18432 = 45308. The
+cached step computes one pixel: 896 + 2 * 7680 + 18432 = 34688 (Row; it skips masked taps)
+and 896 + 2 * 8704 + 18432 = 36736 (Diagonal, with the row's right-to-left part). So the
+saving is H * W times the ratio: 892x (Row), 967x (Diagonal) fewer operations; the per-batch
+padding states (2 directions x 2 layers x (H - 1) columns at batch 1) are negligible. On a
+CPU at batch 1 both are bound by their number of small operations instead: a plain pass is
+2 layers x H row steps (Row) or 2 layers x 2 directions x (W + H - 1) = 55 column steps and
+the skews (Diagonal), a cached step ~30 operations and a row end 2 x W (Diagonal);
+``bench/pixelrnn_sampling.py`` measures the real speed-up.
 
 **Exactness and RGB** (Sec. 3.4). A step at sub-step c is computed with channels < c of the
 pixel written into x; features of RGB group g see channels < g of the pixel (mask A, then
