@@ -85,9 +85,10 @@ def _masked(conv: nn.Conv2d) -> torch.Tensor:
     return conv.weight * conv.mask if hasattr(conv, "mask") else conv.weight
 
 
-def _pointwise(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
-    """A 1x1 (masked) convolution at one pixel: v (B, in) -> (B, out)."""
-    return F.linear(v, _masked(conv)[:, :, 0, 0], conv.bias)
+def _pointwise(conv: nn.Conv2d):
+    """A 1x1 (masked) convolution at one pixel, its weight masked once: (B, in) -> (B, out)."""
+    w, b = _masked(conv)[:, :, 0, 0], conv.bias
+    return lambda v: F.linear(v, w, b)
 
 
 def _padding_states(lstm: DiagonalLSTM, height: int, like: torch.Tensor) -> list:
@@ -216,6 +217,8 @@ class CachedPixelRNN:
         self.w_in, self.b_in = w.flatten(1), net.conv_in.bias
         layer = _RowLayer if net.kind == "row" else _DiagonalLayer
         self.layers = [layer(lstm) for lstm in net.lstms]
+        self.ups = [_pointwise(up) for up in net.ups]
+        self.head = [_pointwise(net.head[1]), _pointwise(net.head[3])]
 
     def reset(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         """Empty caches for a batch x (B, C_in, H, W) being sampled, labels y (B,)."""
@@ -236,12 +239,10 @@ class CachedPixelRNN:
         self._write(x, i)
         win = self.x[:, :, i : i + self.kh, j : j + self.kw]
         f = F.linear(win.flatten(1), self.w_in, self.b_in)  # (B, 2h)
-        for layer, up, bias in zip(self.layers, self.net.ups, self.bias):
+        for layer, up, bias in zip(self.layers, self.ups, self.bias):
             f = f + bias
-            f = f + _pointwise(up, layer.step(f, i, j))
-        head = self.net.head
-        z = F.relu(_pointwise(head[1], F.relu(f)))
-        out = _pointwise(head[3], z)  # (B, C * V), channel-major
+            f = f + up(layer.step(f, i, j))
+        out = self.head[1](F.relu(self.head[0](F.relu(f))))  # (B, C * V), channel-major
         return out.view(-1, self.net.channels, self.net.num_values).transpose(1, 2)
 
     def end_row(self, x: torch.Tensor, i: int) -> None:
