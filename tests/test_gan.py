@@ -277,3 +277,20 @@ def test_sigterm_mid_cycle_stops_at_the_end_of_the_step_and_resumes_exactly(
     assert int(a.d_steps) == int(b.d_steps) == 20
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_an_ema_loaded_from_a_checkpoint_keeps_counting_its_updates(warmup):
+    """After load_state_dict the update count is read back once, with or without warm-up
+    (without, the next update used to fail on the host count the load had cleared)."""
+    net = torch.nn.Linear(3, 2)
+    ema = EMA(net, 0.9, warmup=warmup)
+    for _ in range(3):
+        ema.update(net)
+    restored = EMA(torch.nn.Linear(3, 2), 0.9, warmup=warmup)
+    restored.load_state_dict(ema.state_dict())
+    restored.update(net)
+    ema.update(net)
+    assert int(restored.num_updates) == int(ema.num_updates) == 4
+    for a, b in zip(restored.parameters(), ema.parameters()):
+        assert torch.equal(a, b)

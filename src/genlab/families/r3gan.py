@@ -64,20 +64,6 @@ def paper_adam(params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=2e-4, betas=(0.0, 0.99))
 
 
-class ScheduledEMA(EMA):
-    """An EMA whose ``decay`` the family sets before every update (no warm-up). Reads its
-    update count back after a checkpoint load, which ``EMA.current_decay`` skips when warm-up
-    is off (the fix belongs in ``nets/ema.py``; this keeps the change inside this family)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__(model, 0.0, warmup=False)
-
-    def current_decay(self) -> float:
-        if self._updates is None:
-            self._updates = int(self.num_updates)
-        return self.decay
-
-
 class R3GANModule(GANModule):
     """Args (besides the ``GANModule`` ones it passes on: image_shape, g_optimizer /
     d_optimizer, ema_decay, num_classes, diffaugment, truncation, sample_batch_size,
@@ -131,7 +117,7 @@ class R3GANModule(GANModule):
         self.gamma_final_scale = float(gamma_final_scale)
         self.ema_half_life = None if ema_half_life is None else float(ema_half_life)
         if self.ema_half_life is not None:  # the decay is set before every update
-            self.ema = ScheduledEMA(generator)
+            self.ema = EMA(generator, 0.0, warmup=False)  # its decay is set before every update
         self.batches_per_step = 2  # a discriminator batch, then a generator batch
 
     # ------------------------------------------------------------------ schedules

@@ -32,10 +32,10 @@ class EMA(nn.Module):
         self._updates = None
 
     def current_decay(self) -> float:
+        if self._updates is None:  # after a checkpoint load: once, with or without warm-up
+            self._updates = int(self.num_updates)
         if not self.warmup:
             return self.decay
-        if self._updates is None:
-            self._updates = int(self.num_updates)
         n = self._updates
         return min(self.decay, (1 + n) / (10 + n))
 
