@@ -31,6 +31,7 @@ from genlab.families.common import class_marginal_nll
 from genlab.metrics.likelihood import categorical_bits_per_dim, nats_to_bits_per_dim
 from genlab.nets import rng
 from genlab.nets.cached import cached_sampler, has_cached_sampler
+from genlab.nets.pixelrnn import PixelRNN
 
 
 def sample_categorical(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -135,9 +136,11 @@ class AutoregressiveModule(GenerativeModule):
 
     def sampling_protocol(self) -> dict:
         fast = self.fast_sampling and has_cached_sampler(self.net)
+        scheme = ("row and diagonal LSTM states kept" if isinstance(self.net, PixelRNN)
+                  else "Ramachandran et al. 2017")  # fmt: skip
         return {
             "name": "ancestral, raster order" + (", per channel" if self._per_channel else ""),
-            "sampler": "cached (Ramachandran et al. 2017)" if fast else "plain",
+            "sampler": f"cached ({scheme})" if fast else "plain",
         }
 
     @property
