@@ -1,7 +1,7 @@
 """R3GAN (Huang et al. 2024, "The GAN is dead; long live the GAN! A Modern GAN Baseline"):
 the relativistic pairing loss with R1 and R2 zero-centred gradient penalties.
 
-Objective ("R3" = RpGAN + R1 + R2; Huang et al. 2024, Sec. 2, Eq. 2 with f = softplus(-t),
+Objective ("R3" = RpGAN + R1 + R2; Huang et al. 2024, their RpGAN loss with f = softplus(-t),
 the RpGAN of Jolicoeur-Martineau 2019, penalties of Mescheder et al. 2018 / Roth et al. 2017),
 on a real batch x paired element-wise with a fake batch G(z) (same labels when conditional):
 
@@ -33,19 +33,19 @@ from genlab.nets.ema import EMA
 
 
 def rpgan_d_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
-    """E[softplus(D(G(z)) - D(x))] over paired logits (B,) (Huang et al. 2024, Eq. 2)."""
+    """E[softplus(D(G(z)) - D(x))] over paired logits (B,) (Huang et al. 2024, RpGAN)."""
     return F.softplus(d_fake - d_real).mean()
 
 
 def rpgan_g_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
-    """E[softplus(D(x) - D(G(z)))] over paired logits (B,): the generator's side of Eq. 2."""
+    """E[softplus(D(x) - D(G(z)))] over paired logits (B,): the generator's side of RpGAN."""
     return F.softplus(d_real - d_fake).mean()
 
 
 def zero_centered_penalty(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """E_i ||grad_{x_i} D(x_i)||^2 for logits (B,) of inputs (B, C, H, W) that require grad:
-    R1 on reals, R2 on fakes, without the gamma / 2 (Mescheder et al. 2018, Eq. 9; Huang et
-    al. 2024, Sec. 2.2). Differentiable with respect to D's parameters (create_graph)."""
+    R1 on reals, R2 on fakes, without the gamma / 2 (Mescheder et al. 2018, Eq. 9; R3GAN
+    applies both). Differentiable with respect to D's parameters (create_graph)."""
     (grad,) = torch.autograd.grad(logits.sum(), inputs, create_graph=True)
     return grad.flatten(1).pow(2).sum(1).mean()
 
