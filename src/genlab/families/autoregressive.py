@@ -32,6 +32,7 @@ from genlab.metrics.likelihood import categorical_bits_per_dim, nats_to_bits_per
 from genlab.nets import rng
 from genlab.nets.cached import cached_sampler, has_cached_sampler
 from genlab.nets.pixelrnn import PixelRNN
+from genlab.nets.transformer_ar import ImageGPT
 
 
 def sample_categorical(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -137,6 +138,7 @@ class AutoregressiveModule(GenerativeModule):
     def sampling_protocol(self) -> dict:
         fast = self.fast_sampling and has_cached_sampler(self.net)
         scheme = ("row and diagonal LSTM states kept" if isinstance(self.net, PixelRNN)
+                  else "KV cache: keys and values kept" if isinstance(self.net, ImageGPT)
                   else "Ramachandran et al. 2017")  # fmt: skip
         return {
             "name": "ancestral, raster order" + (", per channel" if self._per_channel else ""),

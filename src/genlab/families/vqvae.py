@@ -34,6 +34,7 @@ from genlab.families.likelihoods import DecoderLikelihood
 from genlab.metrics.likelihood import nats_to_bits_per_dim
 from genlab.nets import rng
 from genlab.nets.cached import cached_sampler, has_cached_sampler
+from genlab.nets.transformer_ar import ImageGPT
 from genlab.nets.vq import VectorQuantizer
 
 
@@ -292,9 +293,10 @@ class VQPriorModule(GenerativeModule):
 
     def sampling_protocol(self) -> dict:
         fast = self.fast_sampling and has_cached_sampler(self.net)
+        scheme = "KV cache" if isinstance(self.net, ImageGPT) else "Ramachandran et al. 2017"
         return {
             "name": "prior over codes, raster order, then the VQ-VAE decoder's mean",
-            "sampler": "cached (Ramachandran et al. 2017)" if fast else "plain",
+            "sampler": f"cached ({scheme})" if fast else "plain",
         }
 
     def sample_codes(self, m: int, y, generator, fast: bool) -> torch.Tensor:

@@ -31,6 +31,7 @@ from genlab.nets.pixelcnn import (
 )
 from genlab.nets.pixelrnn import PixelRNN
 from genlab.nets.pixelrnn_cached import CachedPixelRNN
+from genlab.nets.transformer_ar import CachedImageGPT, ImageGPT
 
 
 class _Conv:
@@ -389,6 +390,7 @@ SAMPLERS = {
     GatedPixelCNN: CachedGatedPixelCNN,
     PixelCNNPlusPlus: CachedPixelCNNPlusPlus,
     PixelRNN: CachedPixelRNN,  # Row LSTM and Diagonal BiLSTM (pixelrnn_cached.py)
+    ImageGPT: CachedImageGPT,  # a KV cache (transformer_ar.py)
 }
 
 
