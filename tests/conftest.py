@@ -67,7 +67,11 @@ def standalone_presets() -> list[str]:
 
 # How a test fills a required model key: the preset whose finished (tiny) run it names. A
 # preset with a required key that is not here fails test_every_model_preset_trains_and_samples.
-STAGE_ONE = {"vqvae_run": "model=vqvae", "autoencoder_run": "model=autoencoder"}
+STAGE_ONE = {
+    "vqvae_run": "model=vqvae",
+    "autoencoder_run": "model=autoencoder",
+    "teacher_run": "model=edm",
+}
 
 
 def compose_cfg(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
