@@ -74,8 +74,8 @@ class CausalSelfAttention(nn.Module):
         ``keys``, ``values`` (B, heads, T, D / heads) at t, and it attends over 0..t."""
         q, k, v = self._heads(h)
         keys[:, :, t], values[:, :, t] = k[:, :, 0], v[:, :, 0]
-        return self._merge(F.scaled_dot_product_attention(q, keys[:, :, : t + 1],
-                                                          values[:, :, : t + 1]))  # fmt: skip
+        done_k, done_v = keys[:, :, : t + 1], values[:, :, : t + 1]
+        return self._merge(F.scaled_dot_product_attention(q, done_k, done_v))
 
 
 class Block(nn.Module):
@@ -173,6 +173,7 @@ class ImageGPT(nn.Module):
 
     # ------------------------------------------------------------------ the sequence
     def sequence_length(self, height: int, width: int) -> int:
+        """T = C * H * W, checked against the position table."""
         t = self.channels * height * width
         if t > self.max_positions:
             raise ValueError(f"{self.channels}x{height}x{width} needs {t} positions, the "
