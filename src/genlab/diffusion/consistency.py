@@ -17,7 +17,7 @@ by construction for any network F.
 
 Discretisation (Song et al. 2023, App. C; iCT Sec. 3.4): N noise levels sigma_1 = sigma_min <
 ... < sigma_N = sigma_max on the rho = 7 grid of Karras et al. 2022 (Eq. 5). Consistency
-training grows N with the iteration k (iCT, Eq. 9 / Sec. 3.4, "exponential curriculum"):
+training grows N with the iteration k (iCT, Sec. 3.4, the exponential curriculum):
 
     N(k) = min(s0 2^floor(k / K'), s1) + 1,   K' = floor(K / (log2 floor(s1 / s0) + 1)),
 
