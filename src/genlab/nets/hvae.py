@@ -42,9 +42,12 @@ def gaussian_kl_log_std(
 ) -> torch.Tensor:
     """KL(N(mq, sq^2) || N(mp, sp^2)) per element in nats, from log-stds:
     log(sp/sq) + (sq^2 + (mq - mp)^2) / (2 sp^2) - 1/2 (Child 2021, Eq. 2's KL terms)."""
-    return log_sp - log_sq + 0.5 * (torch.exp(2 * log_sq) + (mq - mp).pow(2)) * torch.exp(
-        -2 * log_sp
-    ) - 0.5
+    return (
+        log_sp
+        - log_sq
+        + 0.5 * (torch.exp(2 * log_sq) + (mq - mp).pow(2)) * torch.exp(-2 * log_sp)
+        - 0.5
+    )
 
 
 def gaussian_log_prob_log_std(
@@ -244,9 +247,7 @@ class TopDownDecoder(nn.Module):
                 x = F.interpolate(x, scale_factor=2, mode="nearest")
             act = None if acts is None else acts[len(self.stages) - 1 - r]
             for block in stage:
-                x, g = block(
-                    x, act, temperature=temps[len(groups)], mean=mean, generator=generator
-                )
+                x, g = block(x, act, temperature=temps[len(groups)], mean=mean, generator=generator)
                 groups.append(g)
         return self.out(F.gelu(x)), groups
 
