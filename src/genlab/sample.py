@@ -27,8 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from genlab.callbacks.samples import grid_layout, save_columns
 from genlab.data.convert import save_grid, to_uint8
-from genlab.families.contract import Generative
-from genlab.families.text import TextConditioning
+from genlab.families.contract import Generative, TextConditional
 from genlab.families.vae import VAEModule
 from genlab.guidance import GuidanceError, build_guidance
 from genlab.nets.rng import SampleSeeds
@@ -68,7 +67,7 @@ def run(cfg: DictConfig) -> dict:
         nrow = nrow if columns else None
     opts = {"use_ema": bool(cfg.ema)}
     if cfg.get("prompts") is not None:  # text-to-image: one prompt per column, cycled
-        if not isinstance(model, TextConditioning):
+        if not isinstance(model, TextConditional):
             raise UsageError(
                 f"prompts= is for text-to-image runs (model=text_flow); {type(model).__name__} "
                 "is not one: steer it with guidance=clip 'guidance.prompts=[...]'"

@@ -27,8 +27,7 @@ from genlab.callbacks.csv_log import ResumableCSVLogger
 from genlab.callbacks.evaluation import Evaluation
 from genlab.data import FolderDataModule
 from genlab.families.common import DivergenceError
-from genlab.families.contract import EncodedData
-from genlab.families.text import TextConditioning
+from genlab.families.contract import EncodedData, TextConditional
 from genlab.guidance import build_guidance
 from genlab.runs import (
     load_checkpoint,
@@ -323,7 +322,7 @@ def _train(cfg: DictConfig, run_dir: Path, fingerprint: str, state: dict) -> dic
             "'model.num_classes=${data.num_classes}'"
             + (" or train an unconditional model (model.num_classes=0)" if not labelled else "")
         )
-    if isinstance(model, TextConditioning):  # a captioned folder's captions, indexed by labels
+    if isinstance(model, TextConditional):  # a captioned folder's captions, indexed by labels
         folder = isinstance(datamodule, FolderDataModule)
         model.set_captions(datamodule.captions if folder else None)
     model.set_guidance(build_guidance(cfg.get("guidance")))  # grids and evaluation sample guided

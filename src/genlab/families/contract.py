@@ -97,9 +97,12 @@ class Denoising(Protocol):
 class TextConditional(Protocol):
     """Conditioned on captions (text-to-image, ``genlab.families.text``): its denoiser takes
     captions, or labels that ``captions_for(y, training)`` turns into captions, and None is
-    the empty caption, the unconditional branch of classifier-free guidance."""
+    the empty caption, the unconditional branch of classifier-free guidance.
+    ``set_captions(captions)`` trains on a dataset's captions (batch labels index them)."""
 
     def captions_for(self, y: torch.Tensor, training: bool, offset: int = 0) -> list[str]: ...
+
+    def set_captions(self, captions) -> None: ...
 
 
 @runtime_checkable

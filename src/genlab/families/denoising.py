@@ -179,9 +179,10 @@ class DenoisingModule(GenerativeModule):
             from genlab.nets.flops import count_flops
 
             net = self.net.net if isinstance(self.net, TextConditionedNet) else self.net
-            x = torch.zeros(1, *self.space_shape, device=self.device)
+            # a batch of 2: GroupNorm refuses a single value per group (1x1 maps of one image)
+            x = torch.zeros(2, *self.space_shape, device=self.device)
             with torch.no_grad():
-                flops = count_flops(self.net, x, torch.ones(1, device=self.device))
+                flops = count_flops(self.net, x, torch.ones(2, device=self.device))
             self._network = {"class": type(net).__name__,
                              "mflops_per_image": round(flops / 1e6, 1)}  # fmt: skip
         return self._network

@@ -189,6 +189,12 @@ def _create_model(name: str, weights: Path, fix: str, **kwargs) -> nn.Module:
         raise weights_error(what, weights, err, fix) from err
 
 
+def _env_offline() -> bool:
+    """HF_HUB_OFFLINE as the environment says now (huggingface_hub reads it once, at import:
+    a process forked after the import, or one that set it later, would miss it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
 @contextmanager
 def hub_offline(offline: bool):
     """huggingface_hub's offline mode for the duration (files come from its cache or not at
@@ -218,7 +224,7 @@ def _download(name: str, tag: str, tag_cfg: dict, cache_dir: str | None, key: st
             model_hint = f"{key}.model={name}-quickgelu "
     why_offline = None
     if tag_cfg.get("hf_hub"):
-        if hub_constants.HF_HUB_OFFLINE:
+        if hub_constants.HF_HUB_OFFLINE or _env_offline():
             why_offline = "HF_HUB_OFFLINE is set"
         elif not reachable("huggingface.co"):
             why_offline = "huggingface.co cannot be reached"
