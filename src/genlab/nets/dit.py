@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genlab.nets.unet import timestep_embedding
+from genlab.nets.unet import check_context, timestep_embedding
 
 __all__ = ["DiT", "DiTBlock", "sincos_pos_embed_2d"]
 
@@ -278,17 +278,7 @@ class DiT(nn.Module):
         if tuple(x.shape[1:]) != (self.in_channels, self.image_size, self.image_size):
             size = f"{self.in_channels}x{self.image_size}x{self.image_size}"
             raise ValueError(f"DiT: built for (B, {size}) inputs, got {tuple(x.shape)}")
-        if context is None and context_mask is not None:
-            raise ValueError("DiT: context_mask given without a context")
-        if context is not None and self.context_dim is None:
-            raise ValueError(
-                "DiT: this net has no cross-attention (context_dim=None) and takes no "
-                "context; build it with context_dim=<the context's width> to condition on text"
-            )
-        if context is not None and (context.ndim != 3 or context.shape[-1] != self.context_dim):
-            raise ValueError(
-                f"DiT: context must be (B, L, {self.context_dim}), got {tuple(context.shape)}"
-            )
+        check_context("DiT", self.context_dim, context, context_mask)
 
     def forward(
         self,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UNet", "timestep_embedding"]
+__all__ = ["UNet", "check_context", "timestep_embedding"]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -34,6 +34,22 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     return F.pad(emb, (0, dim % 2))
+
+
+def check_context(net: str, context_dim: int | None, context, context_mask) -> None:
+    """One-line errors for a cross-attention context (B, L, context_dim) the net ``net``
+    (``UNet``, ``DiT``) cannot take: a mask without a context, a context for a net built
+    without cross-attention, or one of the wrong shape."""
+    if context is None and context_mask is not None:
+        raise ValueError(f"{net}: context_mask given without a context")
+    if context is not None and context_dim is None:
+        raise ValueError(
+            f"{net}: this net has no cross-attention (context_dim=None) and takes no "
+            "context; build it with context_dim=<the context's width> to condition on text"
+        )
+    if context is not None and (context.ndim != 3 or context.shape[-1] != context_dim):
+        shape = tuple(context.shape)
+        raise ValueError(f"{net}: context must be (B, L, {context_dim}), got {shape}")
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -213,17 +229,7 @@ class UNet(nn.Module):
         self.conv_out = _zero(nn.Conv2d(ch, out_channels or in_channels, 3, padding=1))
 
     def _check_context(self, context, context_mask) -> None:
-        if context is None and context_mask is not None:
-            raise ValueError("UNet: context_mask given without a context")
-        if context is not None and self.context_dim is None:
-            raise ValueError(
-                "UNet: this net has no cross-attention (context_dim=None) and takes no "
-                "context; build it with context_dim=<the context's width> to condition on text"
-            )
-        if context is not None and (context.ndim != 3 or context.shape[-1] != self.context_dim):
-            raise ValueError(
-                f"UNet: context must be (B, L, {self.context_dim}), got {tuple(context.shape)}"
-            )
+        check_context("UNet", self.context_dim, context, context_mask)
 
     def forward(
         self,
