@@ -192,7 +192,9 @@ def test_compare_celeba_per_model_sizes_every_family_it_names(tmp_path):
     """per_model's keys exist in each preset: merged, every model builds at 64x64, larger."""
     from genlab.train import apply_per_model
 
-    for model in ("gan", "sngan", "vae", "pixelcnn", "gated_pixelcnn", "pixelcnn_pp", "diffusion"):
+    families = ("gan", "sngan", "vae", "pixelcnn", "gated_pixelcnn", "pixelcnn_pp", "diffusion")
+    modern = ("r3gan", "hvae", "edm", "flow", "consistency")
+    for model in families + modern:
         cfg = compose_cfg(["experiment=compare_celeba", f"model={model}"], tmp_path)
         sized = instantiate(apply_per_model(cfg).model)
         plain = instantiate(cfg.model)
@@ -226,3 +228,15 @@ def test_compare_latent_pairs_the_backbones_by_flops(tmp_path):
         ratio = flops[model, "dit"] / flops[model, "unet"]
         assert 0.8 < ratio < 1.2, (model, ratio)
     assert flops["flow", "unet"] > 10 * flops["latent_flow", "unet"]
+
+
+def test_compare_mnist_gives_consistency_training_a_curriculum_under_its_time_budget(tmp_path):
+    """compare_mnist trains by time (max_steps -1), where the consistency preset's curriculum
+    length, ${trainer.max_steps}, would switch iCT's curriculum off: per_model sets it."""
+    from genlab.train import apply_per_model
+
+    cfg = compose_cfg(["experiment=compare_mnist", "model=consistency"], tmp_path)
+    assert cfg.trainer.max_steps == -1 and cfg.model.curriculum_steps == -1
+    model = instantiate(apply_per_model(cfg).model)
+    assert model.curriculum_steps == 1000
+    assert model.num_levels(0) < model.num_levels(999)
