@@ -96,6 +96,8 @@ def test_guided_training_run_and_sample_cli(tiny_cfg, tmp_path):
         sample_main([f"run_dir={run}", "guidance=nope"])
     with pytest.raises(UsageError, match="override 'guidance.scale'"):
         sample_main([f"run_dir={run}", "guidance.scale=2"])
+    with pytest.raises(UsageError, match="temperature= is for hierarchical VAEs"):
+        sample_main([f"run_dir={run}", "temperature=0.5"])
 
 
 # ------------------------------------------------------------------ CLIP guidance (rerank)

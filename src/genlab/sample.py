@@ -1,7 +1,8 @@
 """Sample from a finished (or running) run (a Hydra app; ``conf/sample.yaml``):
 
     python -m genlab.sample run_dir=<run> [n=64] [ckpt=last] [seed=0] [ema=true] [steps=50]
-        [label=3] ['prompts=[a handwritten seven,the digit 2]'] [mean=true] [device=auto]
+        [label=3] ['prompts=[a handwritten seven,the digit 2]'] [mean=true] [temperature=0.7]
+        [device=auto]
         [out=<path without extension>]
         [guidance=<conf/guidance option> guidance.<key>=<value> ...] [+model.<key>=<value> ...]
 
@@ -9,8 +10,10 @@ Rebuilds the model from ``<run>/.hydra/config.yaml``, loads ``<run>/checkpoints/
 (``weights_only=True``), and writes ``<out>.png`` (a grid) and ``<out>.pt`` (uint8 images
 (n, C, H, W), labels, and the settings used).
 Default ``out``: ``<run>/samples/sample_<ckpt>_s<seed>``. ``mean`` (VAEs): the decoder's mean
-image (true) or pixels drawn from p(x | z) (false). ``prompts`` (text-to-image runs,
-``model=text_flow``): the images' captions, cycled over the n images, one per grid column.
+image (true) or pixels drawn from p(x | z) (false). ``temperature`` (hierarchical VAEs): the
+prior std scale, a float or one per latent group, top first (0: the prior means).
+``prompts`` (text-to-image runs, ``model=text_flow``): the images' captions, cycled over the n
+images, one per grid column.
 ``guidance`` (default: the run's own) selects a ``conf/guidance`` option, e.g.
 ``guidance=cfg guidance.scale=3``.
 ``+model.<key>=<value>`` changes the run's model config before it is built, for settings that
@@ -28,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from genlab.callbacks.samples import grid_layout, save_columns
 from genlab.data.convert import save_grid, to_uint8
 from genlab.families.contract import Generative, TextConditional
+from genlab.families.hvae import HierarchicalVAEModule
 from genlab.families.vae import VAEModule
 from genlab.guidance import GuidanceError, build_guidance
 from genlab.nets.rng import SampleSeeds
@@ -78,9 +82,23 @@ def run(cfg: DictConfig) -> dict:
     if cfg.steps is not None:
         opts["steps"] = int(cfg.steps)
     if cfg.mean is not None:  # VAEs: decoder mean (true) or pixels drawn (false)
-        if not isinstance(model, VAEModule):
+        if not isinstance(model, (VAEModule, HierarchicalVAEModule)):
             raise UsageError(f"mean= is for VAEs; {type(model).__name__} has no decoder mean")
         opts["mean"] = bool(cfg.mean)
+    if cfg.get("temperature") is not None:
+        if not isinstance(model, HierarchicalVAEModule):
+            raise UsageError(
+                f"temperature= is for hierarchical VAEs (model=hvae); {type(model).__name__} "
+                "has no prior temperature"
+            )
+        t = cfg.temperature
+        opts["temperature"] = float(t) if isinstance(t, (int, float)) else [float(v) for v in t]
+        groups = model.num_groups
+        if isinstance(opts["temperature"], list) and len(opts["temperature"]) != groups:
+            raise UsageError(
+                f"temperature= lists {len(opts['temperature'])} values; this model has "
+                f"{groups} latent groups: give one float or {groups} values, top first"
+            )
     generator = SampleSeeds.for_indices(seed, range(n))  # the same images for any batch size
     images = model.sample(n, y=y, generator=generator, progress=True, **opts)
     ckpt = str(cfg.ckpt)
@@ -97,6 +115,7 @@ def run(cfg: DictConfig) -> dict:
         "use_ema": opts["use_ema"],
         "steps": opts.get("steps"),
         "mean": opts.get("mean"),
+        "temperature": opts.get("temperature"),
         "guidance": None if model.guidance is None else model.guidance.protocol(),
         "prompts": opts.get("prompts"),
         "model_overrides": [f"{k}={v}" for k, v in _dotted(model_overrides)],
