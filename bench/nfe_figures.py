@@ -3,14 +3,15 @@ docs/results.md ("Fast solvers, EDM and flow matching").
 
     python bench/nfe_figures.py [--root runs/nfe_figures] [--data-dir ../shared/assets/mnist]
         [--n 2000] [--minutes 15] [--pairs 2000] [--reflow-steps 500] [--all]
-        [--stages train,ddpm,edm,flow,reflow] [--out bench/results/nfe_figures.json]
+        [--stages train,ddpm,edm,flow,reflow] [--families ddpm,edm,flow]
+        [--out bench/results/nfe_figures.json]
 
 Stages, each skipped when its output exists (so a killed benchmark resumes where it stopped):
 
 - ``train``: ``python -m genlab experiment=mnist_<family>_cpu`` for ddpm, edm and flow, the same
   UNet, data, ``--minutes`` of training each (the presets' ``trainer.max_time``), one after
   the other, with in-training evaluation switched off (``metrics=none``) so the minutes are
-  all training.
+  all training. ``--families`` trains (and reports) only those.
 - ``ddpm``: the DDPM checkpoint with DDIM and DPM-Solver++(2M) at NFE 5 / 10 / 20 / 50,
   DPM-Solver++ also at uniform time and uniform log-SNR spacing and UniPC at 5 / 10 / 20, the
   fast solvers with x0 clipped to [-1, 1] as DDIM does (``clip_x0``; spacing by default:
@@ -55,8 +56,8 @@ def sh(args: list[str], log: Path) -> None:
         raise SystemExit(f"error: the command above failed; see {log}")
 
 
-def train(root: Path, data_dir: str, minutes: int) -> None:
-    for fam in FAMILIES:
+def train(root: Path, data_dir: str, minutes: int, families: list[str]) -> None:
+    for fam in families:
         run = root / fam
         if (run / "checkpoints" / "last.ckpt").is_file():
             continue
@@ -92,15 +93,19 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=2000)
     ap.add_argument("--reflow-steps", type=int, default=500)
     ap.add_argument("--stages", default="train,ddpm,edm,flow,reflow")
+    ap.add_argument("--families", default=",".join(FAMILIES), help="the runs to train")
     ap.add_argument("--all", action="store_true", help="every solver and spacing (hours)")
     ap.add_argument("--out", default="bench/results/nfe_figures.json")
     a = ap.parse_args()
     root = Path(a.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    stages = a.stages.split(",")
+    stages, families = a.stages.split(","), a.families.split(",")
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise SystemExit(f"error: --families takes {','.join(FAMILIES)}; got {','.join(unknown)}")
     full, short = [5, 10, 20, 50], [5, 10, 20]
     if "train" in stages:
-        train(root, a.data_dir, a.minutes)
+        train(root, a.data_dir, a.minutes, families)
     if "ddpm" in stages:
         run = root / "ddpm"
         evaluate(run, a.n, full, "ddim")
@@ -139,7 +144,8 @@ def main() -> None:
         evaluate(rf, a.n, [1, 2, 5], "euler")
 
     result = {}
-    for name, run in [*((f, root / f) for f in FAMILIES), ("reflow", root / "flow" / "reflow")]:
+    reported = [*((f, root / f) for f in families), ("reflow", root / "flow" / "reflow")]
+    for name, run in reported:
         rows = read(run)
         summary = run / "summary.json"
         info = json.loads(summary.read_text()) if summary.is_file() else {}
