@@ -22,8 +22,8 @@ batch 64, then the sweep's evaluation: 1,000 samples in the digit classifier's f
 Then ``python -m genlab.evaluate run_dir=<run> "nfe=[...]"`` writes each run's ``nfe.csv``:
 the students at NFE 1 / 2 / 4 (multistep consistency sampling), the teachers with Heun at 10
 and 50 (counted: 9 and 49), each point the mean ± std over three sample sets of 1,000. The
-table is printed and written to ``--out``, the students and the 5-minute teacher plotted to
-``--plot``.
+table is printed and written to ``--out``, the students started from the teacher and both
+teachers plotted to ``--plot``.
 """
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ def train(root: Path, data_dir: str) -> None:
     longer = root / "teacher10"
     if not (longer / "summary.json").is_file() or _steps(longer) == _steps(teacher):
         if not longer.exists():  # a copy of the 5-minute run, resumed to 10 minutes
-            shutil.copytree(teacher, longer, ignore=shutil.ignore_patterns("nfe.*", "wandb"))
+            shutil.copytree(
+                teacher, longer, ignore=shutil.ignore_patterns("nfe.*", ".bench_*", "wandb")
+            )
         sh([sys.executable, "-m", "genlab", "experiment=compare_mnist", *jobs["teacher"], *common,
             "trainer.max_time=00:00:10:00", f"ckpt_path={longer / 'checkpoints' / 'last.ckpt'}",
             f"hydra.run.dir={longer}"], root / "train_teacher10.log")  # fmt: skip
@@ -93,9 +95,9 @@ def plot(result: dict, path: Path) -> None:
     from genlab import nfe
 
     rows = []
-    for name in ("teacher", "distilled", "trained"):
+    for name in ("teacher", "teacher10", "distilled", "trained"):
         for r in result.get(name, {}).get("rows", []):
-            spacing = "Karras" if name == "teacher" else "CM"
+            spacing = "Karras" if name.startswith("teacher") else "CM"
             rows.append({**r, "solver": LABELS[name], "spacing": spacing, "options": "",
                          "ckpt": "last", "step": "0", "settings": ""})  # fmt: skip
     keep = ("val/fd_digits", "val/is_digits", "val/precision_digits", "val/recall_digits")
