@@ -13,9 +13,11 @@ Stages, each skipped when its output exists (so a killed benchmark resumes where
   the other, with in-training evaluation switched off (``metrics=none``) so the minutes are
   all training. ``--families`` trains (and reports) only those.
 - ``ddpm``: the DDPM checkpoint with DDIM and DPM-Solver++(2M) at NFE 5 / 10 / 20 / 50,
-  DPM-Solver++ also at uniform time and uniform log-SNR spacing and UniPC at 5 / 10 / 20, the
-  fast solvers with x0 clipped to [-1, 1] as DDIM does (``clip_x0``; spacing by default:
-  DDIM uniform time, the others Karras rho = 7). ``--all`` adds UniPC at 50, Euler and Heun.
+  DPM-Solver++ also at uniform time (DDIM's grid), Karras rho = 7 and uniform log-SNR spacing,
+  and UniPC at 5 / 10 / 20 in its default and uniform time, the fast solvers with x0 clipped
+  to [-1, 1] as DDIM does (``clip_x0``; spacing by default: DDIM uniform time T-1 .. 0, the
+  others ``auto``, in the VP frame trailing T-1 .. T/N-1). ``--all`` adds UniPC at 50, Euler
+  and Heun.
 - ``edm`` / ``flow``: the EDM run (Heun, DPM-Solver++) and the flow run (Euler, Heun) at NFE
   5 / 10 / 20; ``--all`` adds EDM Heun at 50 and Euler, flow Euler at 50, midpoint and
   DPM-Solver++.
@@ -111,6 +113,7 @@ def main() -> None:
         evaluate(run, a.n, full, "ddim")
         evaluate(run, a.n, full, "dpmpp_2m", "clip_x0=true")
         evaluate(run, a.n, short, "dpmpp_2m", "clip_x0=true", "spacing=time")
+        evaluate(run, a.n, short, "dpmpp_2m", "clip_x0=true", "spacing=karras")
         evaluate(run, a.n, short, "dpmpp_2m", "clip_x0=true", "spacing=log_snr")
     if "edm" in stages:
         run = root / "edm"
@@ -130,6 +133,7 @@ def main() -> None:
     if "ddpm" in stages:
         run = root / "ddpm"
         evaluate(run, a.n, short, "unipc", "clip_x0=true")
+        evaluate(run, a.n, short, "unipc", "clip_x0=true", "spacing=time")
         if a.all:
             evaluate(run, a.n, full, "unipc", "clip_x0=true")
             evaluate(run, a.n, full, "euler", "clip_x0=true")

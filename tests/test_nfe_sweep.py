@@ -70,7 +70,7 @@ def test_nfe_sweep_table_plot_and_dashboard(runs, tmp_path):
     result = sweep(run, "[2,4]", solver("euler"))
     rows = table(run)
     assert points(rows, "euler") == [(2, 2, 2), (4, 4, 4)]  # counted on the network
-    assert {(r["spacing"], r["options"]) for r in rows} == {("time", "")}  # euler's auto: time
+    assert {(r["spacing"], r["options"]) for r in rows} == {("trailing", "")}  # euler's auto
     assert all(float(r["val/fd_digits"]) >= 0 and r["val/sample_img_per_s"] for r in rows)
     assert "val/sample_nfe" not in rows[0] and "val/bpd" not in rows[0]
     assert {r["num_samples"] for r in rows} == {"8"} and len({r["settings"] for r in rows}) == 1
@@ -100,7 +100,7 @@ def test_nfe_sweep_table_plot_and_dashboard(runs, tmp_path):
     page = dashboard.build(run.parent, tmp_path / "dashboard.html")
     html = page.read_text()
     assert 'id="nfe-panel"' in html and "Quality against NFE" in html
-    for name in ("euler (time) eta=1", "dpmpp_2m (karras)", "heun (time)", "ddim (time)"):
+    for name in ("euler (trailing) eta=1", "dpmpp_2m (karras)", "heun (trailing)", "ddim (time)"):
         assert name in html
     browser = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
     if browser is None:  # the page's script is checked where a browser is installed

@@ -172,6 +172,7 @@ FRAMES = {
     "edm-karras": (lambda: EDMFrame(0.002, 80), "karras"),
     "vp-time": (lambda: VPFrame(CosineSchedule(1000)), "time"),
     "vp-karras": (lambda: VPFrame(CosineSchedule(1000)), "karras"),
+    "vp-trailing": (lambda: VPFrame(CosineSchedule(1000)), "trailing"),
     "flow-time": (lambda: FlowFrame(), "time"),
 }
 
@@ -405,6 +406,28 @@ def test_karras_and_log_snr_spacings(frame, steps):
     assert t[0] == pytest.approx(frame.sigma_max, rel=1e-12)
 
 
+@pytest.mark.parametrize("schedule", [CosineSchedule(1000), LinearSchedule(1000),
+                                      LinearSchedule(50)], ids=repr)  # fmt: skip
+def test_trailing_spacing_leaves_the_last_evaluation_a_step_above_sigma_zero(schedule):
+    """Lin et al. 2024, Table 2: round(arange(T, 0, -T / N)) - 1, then alpha-bar 1; the last
+    evaluation at T/N - 1 rather than at timestep 0 (where ``time`` spends one)."""
+    frame, T = VPFrame(schedule), schedule.num_timesteps
+    for steps in (1, 5, 10, 7, T):
+        grid = frame.sigmas(steps, "trailing")
+        assert grid.shape == (steps + 1,) and grid[-1] == 0 and torch.all(grid[1:] < grid[:-1])
+        ts = frame.timestep(grid[:-1])
+        expected = (torch.arange(T, 0, -T / steps, dtype=F64).round() - 1)[:steps]
+        assert torch.equal(ts, expected)  # trained timesteps, exactly
+    assert frame.timestep(frame.sigmas(10, "trailing")[:-1]).tolist()[-1] == T // 10 - 1
+    torch.testing.assert_close(frame.sigmas(T, "trailing"), frame.sigmas(T, "time"))
+    with pytest.raises(ValueError, match="trailing needs steps in"):
+        frame.sigmas(T + 1, "trailing")
+    edm = EDMFrame(0.002, 80).sigmas(4, "trailing")
+    assert edm.tolist() == [80.0, 60.0, 40.0, 20.0, 0.0]  # uniform in sigma, without 0
+    flow = FlowFrame()
+    torch.testing.assert_close(flow.sigmas(6, "trailing"), flow.sigmas(6, "time"))
+
+
 def test_one_step_and_bad_spacings():
     frame = EDMFrame()
     assert frame.sigmas(1, "karras").tolist() == [80.0, 0.0]
@@ -488,23 +511,23 @@ def test_steps_for_nfe_inverts_the_nfe_table():
 
 def test_describe_records_the_spacing_that_ran(conditional_model):
     """A solver's default spacing is recorded; ``auto`` as what it chose in the model's frame
-    (DDPM: uniform time), with ``spacing_chosen_by: auto``."""
+    (DDPM: trailing), with ``spacing_chosen_by: auto``."""
     model = conditional_model
     for solver in SOLVERS:
         model.sampler = functools.partial(solver, steps=3)
         default = inspect.signature(solver).parameters["spacing"].default
         described = model.describe()["sampler"]
         if default == "auto":
-            assert described["spacing"] == "time" and described["spacing_chosen_by"] == "auto"
+            assert described["spacing"] == "trailing" and described["spacing_chosen_by"] == "auto"
         else:
             assert described.get("spacing") == default and "spacing_chosen_by" not in described
     model.sampler = functools.partial(samplers.dpmpp_2m, steps=3, spacing="karras")
     assert model.describe()["sampler"]["spacing"] == "karras"
 
 
-def test_auto_spacing_is_uniform_time_for_vp_and_karras_for_edm_and_flow():
+def test_auto_spacing_is_trailing_for_vp_and_karras_for_edm_and_flow():
     vp, edm, flow = VPFrame(CosineSchedule(1000)), EDMFrame(0.002, 80), FlowFrame()
-    for frame, chosen in [(vp, "time"), (edm, "karras"), (flow, "karras")]:
+    for frame, chosen in [(vp, "trailing"), (edm, "karras"), (flow, "karras")]:
         torch.testing.assert_close(frame.sigmas(6, "auto"), frame.sigmas(6, chosen))
         assert frame.resolve("auto") == chosen and frame.resolve("log_snr") == "log_snr"
     with pytest.raises(ValueError, match="spacing must be one of"):
