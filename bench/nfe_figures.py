@@ -4,7 +4,7 @@ docs/results.md ("Fast solvers, EDM and flow matching").
     python bench/nfe_figures.py [--root runs/nfe_figures] [--data-dir ../shared/assets/mnist]
         [--n 2000] [--minutes 15] [--pairs 2000] [--reflow-steps 500] [--all]
         [--stages train,ddpm,edm,flow,reflow] [--families ddpm,edm,flow]
-        [--out bench/results/nfe_figures.json]
+        [--out bench/results/nfe_figures.json] [--plot docs/assets/nfe_figures.png]
 
 Stages, each skipped when its output exists (so a killed benchmark resumes where it stopped):
 
@@ -28,7 +28,8 @@ Every point is ``python -m genlab.evaluate run_dir=<run> metrics=cpu "metrics.me
 n=<n> "nfe=[...]" +model.sampler...``: the digit Frechet distance (``val/fd_digits``, the
 classifier genlab ships, n generated images against 10,000 MNIST training images) with the
 NFE counted on the network; each run's ``nfe.csv`` holds the rows. The printed table and the
-JSON are read back from those tables. Targets (issue 16): DPM-Solver++ at 10 NFE within 10% of
+JSON are read back from those tables, and ``--plot`` draws fd_digits against NFE for the
+main lines of each run (``PLOTTED``). Targets (issue 16): DPM-Solver++ at 10 NFE within 10% of
 DDIM at 50; EDM and flow at or below the DDPM run's DDIM-50 figure with at most 20 NFE.
 """
 
@@ -44,6 +45,12 @@ from pathlib import Path
 
 SOLVERS = "genlab.diffusion.samplers."
 FAMILIES = ("ddpm", "edm", "flow")
+# (run, solver, spacing, options) drawn by --plot: each run's default solver and the best
+# fast solvers, with DPM-Solver++ on both VP grids to show what the spacing does
+PLOTTED = [("ddpm", "ddim", "time", ""), ("ddpm", "dpmpp_2m", "trailing", "clip_x0=True"),
+           ("ddpm", "dpmpp_2m", "time", "clip_x0=True"), ("ddpm", "unipc", "trailing",
+           "clip_x0=True"), ("edm", "heun", "karras", ""), ("edm", "dpmpp_2m", "karras", ""),
+           ("flow", "euler", "time", "")]  # fmt: skip
 
 
 def sh(args: list[str], log: Path) -> None:
@@ -86,6 +93,42 @@ def read(run: Path) -> list[dict]:
     return list(csv.DictReader(open(path))) if path.is_file() else []
 
 
+def plot(result: dict, path: Path) -> None:
+    """fd_digits against the counted NFE (log-log), one line per ``PLOTTED`` entry found, and
+    the DDPM run's DDIM-50 figure as the dashed line the targets are set against."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.subplots()
+    xs: set[float] = set()
+    for run, solver, spacing, options in PLOTTED:
+        key = (solver, spacing, options)
+        pts = sorted((int(p["nfe"]), float(p["val/fd_digits"]))
+                     for p in result.get(run, {}).get("points", [])
+                     if (p["solver"], p["spacing"], p["options"]) == key)  # fmt: skip
+        if pts:
+            xs.update(x for x, _ in pts)
+            ax.plot(*zip(*pts), marker="o", label=f"{run}, {solver} ({spacing})")
+            if (run, solver) == ("ddpm", "ddim") and pts[-1][0] == 50:
+                ax.axhline(pts[-1][1], color="grey", ls="--", lw=1, label="DDPM, DDIM at 50")
+    if not xs:
+        return
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks([x for x in (1, 2, 5, 10, 20, 50, 100) if min(xs) <= x <= max(xs)])
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
+    ax.set_yticks([3, 5, 10, 20, 50, 100, 200])
+    ax.set_xlabel("network evaluations per image (counted)")
+    ax.set_ylabel("fd_digits (n = 2,000; lower is better)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default="runs/nfe_figures")
@@ -98,6 +141,7 @@ def main() -> None:
     ap.add_argument("--families", default=",".join(FAMILIES), help="the runs to train")
     ap.add_argument("--all", action="store_true", help="every solver and spacing (hours)")
     ap.add_argument("--out", default="bench/results/nfe_figures.json")
+    ap.add_argument("--plot", default="docs/assets/nfe_figures.png")
     a = ap.parse_args()
     root = Path(a.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -171,6 +215,7 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {a.out}")
+    plot(result, Path(a.plot))
 
 
 if __name__ == "__main__":

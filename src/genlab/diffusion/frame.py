@@ -30,11 +30,11 @@ time; for a discrete schedule the respaced trained timesteps of DDIM, T-1 .. 0),
 evaluation at a level a step above it; for a discrete schedule T-1, T-1-T/N, .., T/N-1 then
 alpha-bar 1, Lin et al. 2024, Table 2), ``log_snr`` (uniform in log sigma) and ``auto``, the
 frame's ``default_spacing``: ``trailing`` for the VP frame and ``karras`` for EDM's and the
-flow frame. With ``time``, ``karras`` and ``log_snr`` the last evaluation is at sigma_min,
-where the denoiser changes almost nothing: one of N evaluations spent. Measured on MNIST
-(docs/results.md, "Fast solvers"): a DDPM's DPM-Solver++ at 10 NFE gave fd_digits 12.06 with
-``time`` and 9.77 with ``trailing`` (its DDIM at 50: 8.66), a 15-minute DDPM's at 5 NFE 176.7
-with Karras and 19.2 with ``time``; a 15-minute flow model's Heun at 5 / 9 / 19 NFE 281 / 89 /
+flow frame. With ``karras``, ``log_snr`` and (but in the flow frame) ``time`` the last
+evaluation is at sigma_min, where the denoiser changes almost nothing. Measured on MNIST
+(docs/results.md, "Fast solvers"): a 20-minute DDPM's DPM-Solver++ at 5 / 10 NFE gave
+fd_digits 16.5 / 8.84 with ``time``, 9.82 / 6.68 with ``trailing`` and 161 / 17.0 with Karras
+(its DDIM at 50: 5.67); a 15-minute flow model's Heun at 5 / 9 / 19 NFE 281 / 89 /
 8.5 with Karras and 100 / 92 / 65 with uniform time (its Euler, which the flow preset runs
 with ``spacing=time``, 8.6 / 6.7 / 5.9 at 5 / 10 / 20).
 """
