@@ -2,7 +2,7 @@
 docs/results.md ("Fast solvers, EDM and flow matching").
 
     python bench/nfe_figures.py [--root runs/nfe_figures] [--data-dir ../shared/assets/mnist]
-        [--n 2000] [--minutes 15] [--pairs 2000] [--reflow-steps 500] [--all]
+        [--n 2000] [--minutes 20] [--pairs 2000] [--reflow-steps 500] [--all]
         [--stages train,ddpm,edm,flow,reflow] [--families ddpm,edm,flow]
         [--out bench/results/nfe_figures.json] [--plot docs/assets/nfe_figures.png]
 
@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--root", default="runs/nfe_figures")
     ap.add_argument("--data-dir", default="../shared/assets/mnist")
     ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--minutes", type=int, default=15)
+    ap.add_argument("--minutes", type=int, default=20)
     ap.add_argument("--pairs", type=int, default=2000)
     ap.add_argument("--reflow-steps", type=int, default=500)
     ap.add_argument("--stages", default="train,ddpm,edm,flow,reflow")

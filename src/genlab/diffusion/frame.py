@@ -86,7 +86,8 @@ class NoiseFrame:
         raise NotImplementedError
 
     def sigmas(self, steps: int, spacing: str = "karras", rho: float = 7.0) -> torch.Tensor:
-        """(steps + 1,) float64 noise levels from sigma_max down to sigma_min, then 0."""
+        """(steps + 1,) float64 noise levels from sigma_max down (to sigma_min, or with
+        ``trailing`` to a step above 0), then 0."""
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         spacing = self.resolve(spacing)
