@@ -161,12 +161,17 @@ class VPFrame(NoiseFrame):
         """sigma of integer timesteps t."""
         return self.table.to(t.device)[t.long()]
 
+    def _respaced(self, steps: int, spacing: str) -> int:
+        """T, once steps is checked to be a respacing of the T trained timesteps."""
+        T = self.schedule.num_timesteps
+        if not 1 <= steps <= T:
+            raise ValueError(f"spacing={spacing} needs steps in [1, {T}], got {steps}")
+        return T
+
     def time_sigmas(self, steps: int) -> torch.Tensor:
         """The trained timesteps DDIM respaces to: T-1 to 0, evenly, rounded (Nichol &
         Dhariwal 2021, Sec. 4); steps == T is the full chain."""
-        T = self.schedule.num_timesteps
-        if not 1 <= steps <= T:
-            raise ValueError(f"spacing=time needs steps in [1, {T}], got {steps}")
+        T = self._respaced(steps, "time")
         if steps == 1:
             return self.table[-1:].clone()
         grid = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long()
@@ -177,9 +182,7 @@ class VPFrame(NoiseFrame):
         (alpha-bar 1) without that end, so the last evaluation is at T/N - 1, not 0 (Lin et
         al. 2024's "trailing"; diffusers' ``timestep_spacing="trailing"``). N == T is the
         full chain, as with ``time``."""
-        T = self.schedule.num_timesteps
-        if not 1 <= steps <= T:
-            raise ValueError(f"spacing=trailing needs steps in [1, {T}], got {steps}")
+        T = self._respaced(steps, "trailing")
         i = torch.arange(steps, dtype=torch.float64)
         return self.table[(T - 1 - (i * T / steps).round()).long()]
 
